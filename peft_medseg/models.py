@@ -1,0 +1,87 @@
+"""Base segmentation models: named offline configs (`tiny`, `small`) and Hub backbones under an UperNet head."""
+
+from __future__ import annotations
+
+from transformers import (
+    AutoBackbone,
+    AutoConfig,
+    Dinov2Config,
+    SegformerImageProcessorPil,
+    UperNetConfig,
+    UperNetForSemanticSegmentation,
+)
+
+# Named configs build a DINOv2-style encoder under an UperNet head from scratch, offline. `small` is ViT-S sized.
+NAMED_CONFIGS: dict[str, dict] = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128, patch_size=8,
+                 head_channels=64),
+    "small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
+                  patch_size=16, head_channels=256),
+}
+
+
+def _out_features(num_layers: int) -> list[str]:
+    # Four evenly spaced stages, ending with the last block, as UperNet expects four feature maps.
+    step = num_layers // 4
+    return [f"stage{step * (i + 1)}" for i in range(3)] + [f"stage{num_layers}"]
+
+
+def named_config(name: str, num_labels: int, image_size: int = 224, id2label: dict[int, str] | None = None) -> UperNetConfig:
+    """The `UperNetConfig` of a named offline base (`tiny` or `small`), with a DINOv2 backbone."""
+    if name not in NAMED_CONFIGS:
+        raise ValueError(f"Unknown named config {name!r}: expected one of {sorted(NAMED_CONFIGS)} or a Hub model id.")
+    spec = dict(NAMED_CONFIGS[name])
+    head_channels = spec.pop("head_channels")
+    backbone = Dinov2Config(
+        image_size=image_size,
+        out_features=_out_features(spec["num_hidden_layers"]),
+        reshape_hidden_states=True,
+        **spec,
+    )
+    id2label = id2label or {i: str(i) for i in range(num_labels)}
+    return UperNetConfig(
+        backbone_config=backbone,
+        hidden_size=head_channels,
+        auxiliary_in_channels=backbone.hidden_size,
+        use_auxiliary_head=False,
+        num_labels=num_labels,
+        id2label=id2label,
+        label2id={v: k for k, v in id2label.items()},
+    )
+
+
+def build_segmentation_model(
+    base: str, num_labels: int, image_size: int = 224, id2label: dict[int, str] | None = None
+) -> UperNetForSemanticSegmentation:
+    """A segmentation model to pretrain: a named offline config (`tiny`, `small`) or a Hub backbone id.
+
+    A Hub id (for example `facebook/dinov2-small`) loads that pretrained backbone under a freshly initialised
+    UperNet head.
+    """
+    if base in NAMED_CONFIGS:
+        return UperNetForSemanticSegmentation(named_config(base, num_labels, image_size, id2label))
+    backbone_config = AutoConfig.from_pretrained(base)
+    num_layers = backbone_config.num_hidden_layers
+    backbone = AutoBackbone.from_pretrained(base, out_features=_out_features(num_layers), reshape_hidden_states=True)
+    id2label = id2label or {i: str(i) for i in range(num_labels)}
+    config = UperNetConfig(
+        backbone_config=backbone.config,
+        hidden_size=512,
+        auxiliary_in_channels=backbone.config.hidden_size,
+        use_auxiliary_head=False,
+        num_labels=num_labels,
+        id2label=id2label,
+        label2id={v: k for k, v in id2label.items()},
+    )
+    model = UperNetForSemanticSegmentation(config)
+    model.backbone.load_state_dict(backbone.state_dict())
+    return model
+
+
+def build_image_processor(image_size: int, mean: float | list[float] = 0.5, std: float | list[float] = 0.25):
+    """The image processor (Pillow backend: no torchvision needed) saved with a base: fixed-size resize, rescale to [0, 1], normalise; labels kept as ids."""
+    mean = [mean] * 3 if isinstance(mean, float) else list(mean)
+    std = [std] * 3 if isinstance(std, float) else list(std)
+    return SegformerImageProcessorPil(
+        size={"height": image_size, "width": image_size}, image_mean=mean, image_std=std, do_reduce_labels=False
+    )
