@@ -13,10 +13,22 @@ from transformers import (
 
 # Named configs build a DINOv2-style encoder under an UperNet head from scratch, offline. `small` is ViT-S sized.
 NAMED_CONFIGS: dict[str, dict] = {
-    "tiny": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128, patch_size=8,
-                 head_channels=64),
-    "small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
-                  patch_size=16, head_channels=256),
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=128,
+        patch_size=8,
+        head_channels=64,
+    ),
+    "small": dict(
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        intermediate_size=1536,
+        patch_size=16,
+        head_channels=256,
+    ),
 }
 
 
@@ -26,7 +38,9 @@ def _out_features(num_layers: int) -> list[str]:
     return [f"stage{step * (i + 1)}" for i in range(3)] + [f"stage{num_layers}"]
 
 
-def named_config(name: str, num_labels: int, image_size: int = 224, id2label: dict[int, str] | None = None) -> UperNetConfig:
+def named_config(
+    name: str, num_labels: int, image_size: int = 224, id2label: dict[int, str] | None = None
+) -> UperNetConfig:
     """The `UperNetConfig` of a named offline base (`tiny` or `small`), with a DINOv2 backbone."""
     if name not in NAMED_CONFIGS:
         raise ValueError(f"Unknown named config {name!r}: expected one of {sorted(NAMED_CONFIGS)} or a Hub model id.")

@@ -1,0 +1,13 @@
+from .architectures import SUPPORTED_BLOCK_CLASSES
+from .config import VisualPromptConfig
+from .layer import BASE_ADAPTER_NAME, VisualPromptLayer
+from .model import VisualPromptModel, check_base_compatible
+
+__all__ = [
+    "BASE_ADAPTER_NAME",
+    "SUPPORTED_BLOCK_CLASSES",
+    "VisualPromptConfig",
+    "VisualPromptLayer",
+    "VisualPromptModel",
+    "check_base_compatible",
+]

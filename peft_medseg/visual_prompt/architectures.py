@@ -1,0 +1,95 @@
+"""Which transformer blocks accept token-level prompts, and what an adapter records about its base."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from torch import nn
+from transformers import PreTrainedModel
+
+# Blocks that map tokens (B, N, D) -> (B, N, D) and attend globally, so prompt tokens can join the sequence.
+# BEiT/Data2Vec blocks compute a relative position bias sized to the sequence: it is padded for the prompts.
+SUPPORTED_BLOCK_CLASSES = (
+    "Dinov2Layer",
+    "Dinov2WithRegistersLayer",
+    "DINOv3ViTLayer",
+    "DPTViTLayer",
+    "BeitLayer",
+    "Data2VecVisionLayer",
+)
+SUPPORTED_MODELS = (
+    "UperNetForSemanticSegmentation with Dinov2Backbone, Dinov2WithRegistersBackbone, DINOv3ViTBackbone or "
+    "BeitBackbone; DPTForSemanticSegmentation; BeitForSemanticSegmentation; Data2VecVisionForSemanticSegmentation"
+)
+
+
+def find_blocks(model: nn.Module, block_classes: list[str] | None = None) -> tuple[str, list[tuple[str, nn.Module]]]:
+    """The prompted block class and its blocks `(name, module)` in model order.
+
+    Raises a `ValueError` naming the supported architectures when the model has none of them.
+    """
+    candidates = list(block_classes) if block_classes else list(SUPPORTED_BLOCK_CLASSES)
+    found: dict[str, list[tuple[str, nn.Module]]] = {}
+    for name, module in model.named_modules():
+        class_name = type(module).__name__
+        if class_name in candidates:
+            found.setdefault(class_name, []).append((name, module))
+    if not found:
+        model_name = type(model).__name__
+        if block_classes:
+            raise ValueError(f"{model_name} has no module of class {block_classes} (target_modules).")
+        raise ValueError(
+            f"Visual prompt tuning does not support {model_name}: it has no block of a supported class "
+            f"({', '.join(SUPPORTED_BLOCK_CLASSES)}). Supported models: {SUPPORTED_MODELS}. Hierarchical encoders "
+            "(SegFormer, Swin) reshape tokens inside their blocks, so token-level prompts cannot join them; for "
+            "those, use peft's LoRA (`peft.LoraConfig(target_modules=['query', 'value'])`)."
+        )
+    if len(found) > 1:
+        raise ValueError(
+            f"{type(model).__name__} has blocks of several supported classes {sorted(found)}: choose one with "
+            "target_modules."
+        )
+    ((block_class, blocks),) = found.items()
+    unsupported = [c for c in found if c not in SUPPORTED_BLOCK_CLASSES]
+    if unsupported:
+        raise ValueError(
+            f"target_modules={unsupported} is not a supported block class; supported: {SUPPORTED_BLOCK_CLASSES}."
+        )
+    return block_class, blocks
+
+
+def encoder_config(model: nn.Module, block_name: str):
+    """The config of the closest `PreTrainedModel` that owns the block (the encoder's config, not the head's)."""
+    owner_config = getattr(model, "config", None)
+    parts = block_name.split(".")
+    module = model
+    for part in parts[:-1]:
+        module = getattr(module, part)
+        if isinstance(module, PreTrainedModel):
+            owner_config = module.config
+    if owner_config is None:
+        raise ValueError(f"Could not find the config of the encoder that holds {block_name}.")
+    return owner_config
+
+
+def describe_base(model: nn.Module, block_class: str, blocks: list[tuple[str, nn.Module]]) -> dict:
+    """What an adapter records about the base it was made for."""
+    config = encoder_config(model, blocks[0][0])
+    patch_size = config.patch_size[0] if isinstance(config.patch_size, (tuple, list)) else config.patch_size
+    num_prefix_tokens = 1 + int(getattr(config, "num_register_tokens", 0) or 0)
+    top_config = getattr(model, "config", None)
+    base_model_type = getattr(top_config, "model_type", None) or type(model).__name__
+    block_shapes = [[(n, list(p.shape)) for n, p in block.named_parameters()] for _, block in blocks]
+    signature = json.dumps(
+        [base_model_type, config.model_type, block_class, num_prefix_tokens, block_shapes], sort_keys=True
+    )
+    return {
+        "block_class": block_class,
+        "hidden_size": int(config.hidden_size),
+        "num_blocks": len(blocks),
+        "num_prefix_tokens": num_prefix_tokens,
+        "patch_size": int(patch_size),
+        "base_model_type": base_model_type,
+        "base_fingerprint": hashlib.sha256(signature.encode()).hexdigest()[:16],
+    }

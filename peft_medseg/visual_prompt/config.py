@@ -1,0 +1,96 @@
+"""Configuration of visual prompt tuning (VPT) as a PEFT method."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from peft.config import PeftConfig
+
+from ..registration import VISUAL_PROMPT
+
+
+@dataclass
+class VisualPromptConfig(PeftConfig):
+    """
+    Configuration of visual prompt tuning (Jia et al. 2022; Saeed et al. 2023 for multi-center segmentation).
+
+    Learnable prompt tokens are inserted into the token sequence of the vision transformer's blocks, right after the
+    CLS/register tokens, while every weight of the model stays frozen. The prompts never leave a block: its recorded
+    hidden states (used by backbones and necks to build feature maps) contain the patch tokens only.
+
+    Args:
+        num_virtual_tokens (`int`):
+            Number of prompt tokens per prompted block (deep) or in total (shallow).
+        deep (`bool`):
+            Deep VPT (`True`): fresh prompts are inserted before every chosen block and their outputs are dropped
+            after it. Shallow VPT (`False`): prompts are inserted once, before the first chosen block, and carried
+            through all later blocks.
+        layers (`list[int]`, *optional*):
+            Indices of the blocks that receive prompts, counted among the blocks of the targeted class in model order.
+            `None` means every block (deep) or the first block (shallow). Shallow VPT takes a single index.
+        prompt_init (`"vpt"` or `"normal"`):
+            `"vpt"`: uniform in ±sqrt(6 / (3·p² + D)) with p the patch size and D the hidden size (the VPT paper's
+            Xavier-style rule). `"normal"`: normal with std 0.02, like a ViT's CLS token.
+        prompt_dropout (`float`):
+            Dropout on the prompt tokens when they are inserted (0.1 in the VPT paper for deep prompts).
+        target_modules (`str` or `list[str]`, *optional*):
+            Class names of the transformer blocks to prompt, for example `"Dinov2Layer"`. `None` detects the block
+            class among the supported architectures. Blocks are matched by class, not by module path.
+        modules_to_save (`list[str]`, *optional*):
+            Modules trained and saved with the prompts, for example `["decode_head.classifier"]` (the last classifier
+            of an UperNet head). Name a leaf `Conv2d`/`Linear` so that mixed-center batches can route it per sample.
+        block_class, hidden_size, num_blocks, num_prefix_tokens, patch_size, base_model_type, base_fingerprint:
+            Resolved from the base model when the adapter is created and saved with it, so that an adapter file
+            describes itself and refuses a base it was not made for. Leave them `None`.
+    """
+
+    num_virtual_tokens: int = field(default=10, metadata={"help": "Number of prompt tokens per prompted block."})
+    deep: bool = field(default=True, metadata={"help": "Deep (per-block prompts) or shallow (first block) VPT."})
+    layers: list[int] | None = field(
+        default=None, metadata={"help": "Indices of the prompted blocks; None: all (deep) or the first (shallow)."}
+    )
+    prompt_init: Literal["vpt", "normal"] = field(
+        default="vpt", metadata={"help": "'vpt': uniform ±sqrt(6/(3p²+D)); 'normal': N(0, 0.02²)."}
+    )
+    prompt_dropout: float = field(default=0.1, metadata={"help": "Dropout on the inserted prompt tokens."})
+    target_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Class name(s) of the blocks to prompt; None detects them."}
+    )
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Modules trained and saved with the prompts, e.g. ['decode_head.classifier']."}
+    )
+    # Resolved from the base model at creation; saved so that the adapter describes the base it needs.
+    block_class: str | None = field(default=None, metadata={"help": "Resolved: class name of the prompted blocks."})
+    hidden_size: int | None = field(default=None, metadata={"help": "Resolved: width of the prompted blocks."})
+    num_blocks: int | None = field(default=None, metadata={"help": "Resolved: number of blocks of that class."})
+    num_prefix_tokens: int | None = field(
+        default=None, metadata={"help": "Resolved: CLS and register tokens before the patch tokens."}
+    )
+    patch_size: int | None = field(default=None, metadata={"help": "Resolved: patch size of the encoder."})
+    base_model_type: str | None = field(default=None, metadata={"help": "Resolved: model_type of the base."})
+    base_fingerprint: str | None = field(
+        default=None, metadata={"help": "Resolved: hash of the base architecture (type and prompted block shapes)."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = VISUAL_PROMPT
+        if isinstance(self.num_virtual_tokens, bool) or not isinstance(self.num_virtual_tokens, int):
+            raise ValueError(f"num_virtual_tokens must be a positive int, got {self.num_virtual_tokens!r}.")
+        if self.num_virtual_tokens < 1:
+            raise ValueError(f"num_virtual_tokens must be a positive int, got {self.num_virtual_tokens}.")
+        if self.prompt_init not in ("vpt", "normal"):
+            raise ValueError(f"prompt_init must be 'vpt' or 'normal', got {self.prompt_init!r}.")
+        if not 0.0 <= self.prompt_dropout < 1.0:
+            raise ValueError(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout}.")
+        if self.layers is not None:
+            self.layers = sorted({int(i) for i in self.layers})
+            if not self.layers:
+                raise ValueError("layers must name at least one block index, or be None for the default.")
+            if not self.deep and len(self.layers) != 1:
+                raise ValueError(
+                    f"Shallow VPT inserts prompts once, so layers takes a single block index, got {self.layers}."
+                )
+        if isinstance(self.target_modules, str):
+            self.target_modules = [self.target_modules]

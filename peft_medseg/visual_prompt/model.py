@@ -1,0 +1,229 @@
+"""`VisualPromptModel`: the peft tuner that injects visual prompts into a frozen vision transformer."""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from functools import partial
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner
+from peft.utils.other import AuxiliaryTrainingWrapper
+from torch import nn
+
+from .architectures import describe_base, find_blocks
+from .config import VisualPromptConfig
+from .layer import BASE_ADAPTER_NAME, PromptCarry, VisualPromptLayer
+
+# Fields resolved from the base; a mismatch with a loaded adapter means the prompts would mean nothing there.
+ARCHITECTURE_FIELDS = (
+    "block_class",
+    "hidden_size",
+    "num_blocks",
+    "num_prefix_tokens",
+    "patch_size",
+    "base_fingerprint",
+)
+
+
+class VisualPromptModel(BaseTuner):
+    """
+    Visual prompt tuning (VPT) of a vision transformer segmentation model: learnable prompt tokens join the token
+    sequence of the encoder's blocks while every base weight stays frozen.
+
+    Use it through peft, after `import peft_medseg`:
+
+    ```py
+    >>> import peft_medseg
+    >>> from peft import get_peft_model
+    >>> model = get_peft_model(base, peft_medseg.VisualPromptConfig(num_virtual_tokens=10, deep=True))
+    >>> model.print_trainable_parameters()
+    ```
+
+    Several centers share one base: `add_adapter`/`load_adapter` add one adapter per center, `set_adapter` switches,
+    and `model(pixel_values=x, adapter_names=["center-A", "center-B", "__base__", ...])` mixes centers within one
+    batch, in inference and in training, in one pass through the encoder.
+    """
+
+    prefix: str = "vpt_"
+    tuner_layer_cls = VisualPromptLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def __init__(self, model, peft_config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
+        self._carry = PromptCarry()
+        self._targets: dict[str, str] = {}
+        super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+
+    # ----------------------------------------------------------------- injection
+    def _prepare_adapter_config(self, peft_config: VisualPromptConfig, model_config: dict) -> VisualPromptConfig:
+        return peft_config
+
+    def _prepare_model(self, peft_config: VisualPromptConfig, model: nn.Module) -> None:
+        # Runs before any module is touched: every check that can fail happens here.
+        block_class, blocks = find_blocks(model, peft_config.target_modules)
+        base = describe_base(model, block_class, blocks)
+        check_base_compatible(model, peft_config, base)
+        for field_name, value in base.items():
+            setattr(peft_config, field_name, value)
+        peft_config.target_modules = [block_class]
+
+        num_blocks = len(blocks)
+        layers = (
+            peft_config.layers
+            if peft_config.layers is not None
+            else (list(range(num_blocks)) if peft_config.deep else [0])
+        )
+        out_of_range = [i for i in layers if not 0 <= i < num_blocks]
+        if out_of_range:
+            raise ValueError(
+                f"layers={peft_config.layers}: {out_of_range} outside 0..{num_blocks - 1} ({block_class})."
+            )
+        if peft_config.deep:
+            self._targets = {blocks[i][0]: "insert" for i in layers}
+        else:
+            # Shallow prompts enter once and are carried by every later block.
+            first = layers[0]
+            self._targets = {
+                name: "insert" if i == first else "carry" for i, (name, _) in enumerate(blocks) if i >= first
+            }
+
+    def _check_target_module_exists(self, peft_config: VisualPromptConfig, key: str) -> bool:
+        return key in self._targets
+
+    def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        layer = getattr(target, "visual_prompt", None)
+        if layer is None:
+            layer = VisualPromptLayer(target, peft_config.num_prefix_tokens, self._carry)
+            target.visual_prompt = layer
+            layer.set_adapter(self.active_adapters)
+        layer.update_layer(adapter_name, peft_config, self._targets[current_key], peft_config.hidden_size)
+        # Prompts live on the device of their block.
+        device = next(target.parameters()).device
+        layer.to(device)
+
+    # ----------------------------------------------------------------- unloading
+    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        if merge:
+            raise ValueError(
+                "Visual prompts add tokens to the sequence and cannot be merged into the base weights; use "
+                "`unload()` to get the base model back."
+            )
+        for module in self.model.modules():
+            if isinstance(getattr(module, "visual_prompt", None), VisualPromptLayer):
+                VisualPromptLayer.uninstall(module)
+        # modules_to_save wrappers are unwrapped by peft's own logic.
+        return super()._unload_and_optionally_merge(merge=False, progressbar=progressbar, adapter_names=adapter_names)
+
+    # ----------------------------------------------------------------- loading
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        # peft loads non-strictly; a missing or mis-shaped prompt would silently stay random. Refuse instead.
+        expected = {
+            name: param.shape
+            for name, param in model.named_parameters()
+            if ".visual_prompt.vpt_prompt." in name and name.endswith(f".{adapter_name}")
+        }
+        missing = sorted(name for name in expected if name not in remapped)
+        wrong = {
+            n: (tuple(remapped[n].shape), tuple(s))
+            for n, s in expected.items()
+            if n in remapped and remapped[n].shape != s
+        }
+        if missing or wrong:
+            raise ValueError(
+                f"The weights of adapter {adapter_name!r} do not fit its config: "
+                + (f"missing prompt tensors {missing[:3]}{' …' if len(missing) > 3 else ''}. " if missing else "")
+                + (f"shape (found, expected) {wrong}." if wrong else "")
+            )
+        return remapped
+
+    # ----------------------------------------------------------------- mixed batches
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        adapter_names = list(adapter_names)
+        unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER_NAME} - set(self.peft_config))
+        if unknown:
+            raise ValueError(
+                f"adapter_names contains unknown adapter(s) {unknown}; available: {sorted(self.peft_config)} and "
+                f"{BASE_ADAPTER_NAME!r} for the base model."
+            )
+        pixel_values = kwargs.get("pixel_values", args[0] if args else None)
+        if isinstance(pixel_values, torch.Tensor) and len(adapter_names) != pixel_values.shape[0]:
+            raise ValueError(
+                f"adapter_names has {len(adapter_names)} entries for a batch of {pixel_values.shape[0]} samples."
+            )
+        layers = [m for m in self.model.modules() if isinstance(m, VisualPromptLayer)]
+        handles = [
+            module.register_forward_pre_hook(
+                partial(_inject_adapter_names, adapter_names=adapter_names), with_kwargs=True
+            )
+            for module in self.model.modules()
+            if isinstance(module, AuxiliaryTrainingWrapper)
+        ]
+        for layer in layers:
+            layer.adapter_names = adapter_names
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.adapter_names = None
+            for handle in handles:
+                handle.remove()
+            self._carry.tokens = None
+
+    # ----------------------------------------------------------------- training mode
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # A frozen BatchNorm would still update its running statistics in train mode; those buffers are not part of
+        # the adapter, so the base would drift and a reloaded adapter would give other outputs. Keep them in eval.
+        for module in self.model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+                p.requires_grad for p in module.parameters()
+            ):
+                module.eval()
+        return self
+
+
+def _inject_adapter_names(module, args, kwargs, adapter_names):
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
+
+
+def check_base_compatible(
+    model: nn.Module, config: VisualPromptConfig, base: dict | None = None, strict: bool = False
+) -> None:
+    """Check that an adapter config fits a base model, before anything is modified.
+
+    A different architecture (block class, hidden size, number of blocks, prefix tokens, patch size or the shapes of
+    the prompted blocks) raises a `ValueError`. A different base checkpoint of the same architecture (the recorded
+    `base_model_name_or_path`/`revision`) only warns, since fine-tuned bases are legitimate; `strict=True` raises.
+    """
+    if base is None:
+        block_class, blocks = find_blocks(model, config.target_modules)
+        base = describe_base(model, block_class, blocks)
+    mismatched = {
+        name: (getattr(config, name), base[name])
+        for name in ARCHITECTURE_FIELDS
+        if getattr(config, name) is not None and getattr(config, name) != base[name]
+    }
+    if mismatched:
+        details = ", ".join(f"{name}: adapter {want!r} vs base {have!r}" for name, (want, have) in mismatched.items())
+        raise ValueError(
+            f"This visual prompt adapter was made for another base architecture ({details}). Load it onto the base "
+            f"it was trained with ({config.base_model_name_or_path or 'see adapter_config.json'})."
+        )
+    recorded = config.base_model_name_or_path
+    current = getattr(model, "name_or_path", None) or None
+    if recorded and current and recorded != current:
+        message = (
+            f"This adapter was trained on base {recorded!r} but is being loaded onto {current!r}. The architectures "
+            "match, but prompts trained for other weights can give wrong masks."
+        )
+        if strict:
+            raise ValueError(message)
+        warnings.warn(message, UserWarning, stacklevel=3)
