@@ -9,18 +9,17 @@ from torch import nn
 from transformers import PreTrainedModel
 
 # Blocks that map tokens (B, N, D) -> (B, N, D) and attend globally, so prompt tokens can join the sequence.
-# BEiT/Data2Vec blocks compute a relative position bias sized to the sequence: it is padded for the prompts.
+# BEiT blocks compute a relative position bias sized to the sequence: it is padded for the prompts.
 SUPPORTED_BLOCK_CLASSES = (
     "Dinov2Layer",
     "Dinov2WithRegistersLayer",
     "DINOv3ViTLayer",
     "DPTViTLayer",
     "BeitLayer",
-    "Data2VecVisionLayer",
 )
 SUPPORTED_MODELS = (
     "UperNetForSemanticSegmentation with Dinov2Backbone, Dinov2WithRegistersBackbone, DINOv3ViTBackbone or "
-    "BeitBackbone; DPTForSemanticSegmentation; BeitForSemanticSegmentation; Data2VecVisionForSemanticSegmentation"
+    "BeitBackbone; DPTForSemanticSegmentation; BeitForSemanticSegmentation"
 )
 
 
@@ -80,7 +79,11 @@ def describe_base(model: nn.Module, block_class: str, blocks: list[tuple[str, nn
     num_prefix_tokens = 1 + int(getattr(config, "num_register_tokens", 0) or 0)
     top_config = getattr(model, "config", None)
     base_model_type = getattr(top_config, "model_type", None) or type(model).__name__
-    block_shapes = [[(n, list(p.shape)) for n, p in block.named_parameters()] for _, block in blocks]
+    # The block's own weights only: prompts already injected for other centers are not part of the base.
+    block_shapes = [
+        [(n, list(p.shape)) for n, p in block.named_parameters() if not n.startswith("visual_prompt.")]
+        for _, block in blocks
+    ]
     signature = json.dumps(
         [base_model_type, config.model_type, block_class, num_prefix_tokens, block_shapes], sort_keys=True
     )

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from peft.config import PeftConfig
+from safetensors import safe_open
 
 from ..registration import VISUAL_PROMPT
 
@@ -94,3 +96,32 @@ class VisualPromptConfig(PeftConfig):
                 )
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
+        """Load the config; for a local adapter folder, also check its weights file before anything is modified."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        folder = Path(pretrained_model_name_or_path) / (subfolder or "")
+        if folder.is_dir():
+            check_adapter_weights_file(folder)
+        return config
+
+
+def check_adapter_weights_file(folder: str | Path) -> Path:
+    """The adapter weights file of a local adapter folder; a clear error naming it when missing or unreadable."""
+    folder = Path(folder)
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        if (folder / "adapter_model.bin").is_file():
+            return folder / "adapter_model.bin"
+        raise FileNotFoundError(
+            f"{weights}: missing. An adapter folder needs adapter_config.json and adapter_model.safetensors "
+            "(written by save_pretrained)."
+        )
+    try:
+        with safe_open(weights, framework="pt") as handle:
+            for key in handle.keys():
+                handle.get_slice(key)
+    except Exception as error:  # safetensors raises its own error type; name the file in ours
+        raise ValueError(f"{weights}: not a readable safetensors file ({error}). Save the adapter again.") from error
+    return weights

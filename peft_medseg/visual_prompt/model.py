@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from functools import partial
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner
+from peft.tuners.tuners_utils import BaseTuner, _get_submodules
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
@@ -111,8 +111,15 @@ class VisualPromptModel(BaseTuner):
         for module in self.model.modules():
             if isinstance(getattr(module, "visual_prompt", None), VisualPromptLayer):
                 VisualPromptLayer.uninstall(module)
-        # modules_to_save wrappers are unwrapped by peft's own logic.
-        return super()._unload_and_optionally_merge(merge=False, progressbar=progressbar, adapter_names=adapter_names)
+        # The base is shared by every center, so unloading gives back the original modules, not one center's trained
+        # copies (peft's LoRA keeps the active copy of a modules_to_save module instead).
+        wrappers = [name for name, m in self.model.named_modules() if isinstance(m, AuxiliaryTrainingWrapper)]
+        for name in wrappers:
+            parent, wrapper, child_name = _get_submodules(self.model, name)
+            setattr(parent, child_name, wrapper.original_module)
+        if hasattr(self.model, "peft_config"):
+            del self.model.peft_config
+        return self.model
 
     # ----------------------------------------------------------------- loading
     @classmethod
