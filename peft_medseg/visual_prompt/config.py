@@ -21,9 +21,23 @@ class VisualPromptConfig(PeftConfig):
     CLS/register tokens, while every weight of the model stays frozen. The prompts never leave a block: its recorded
     hidden states (used by backbones and necks to build feature maps) contain the patch tokens only.
 
+    Hierarchical encoders (SegFormer, Swin) reshape tokens to feature maps inside their blocks, so prompts cannot
+    join their token sequence. `prompt_mode="key_value"` puts deep VPT inside attention instead: each attention
+    layer's prompts are normalised and projected by that layer's own norm and key/value projections and appended to
+    its keys and values. Patch tokens attend to them exactly as they attend to token-level deep prompts, whose own
+    outputs VPT throws away, so on a plain ViT the two modes give the same patch outputs.
+
     Args:
         num_virtual_tokens (`int`):
             Number of prompt tokens per prompted block (deep) or in total (shallow).
+        prompt_mode (`"tokens"` or `"key_value"`):
+            `"tokens"`: prompts join the token sequence of the blocks (plain ViTs: DINOv2, DINOv3, BEiT, DPT).
+            `"key_value"`: prompts join the keys and values of every prompted attention layer (SegFormer, Swin, and
+            DINOv2 where it equals token-level deep VPT). SegFormer: the prompts join the spatially reduced key/value
+            sequence, normalised by the LayerNorm that feeds the key/value projections (the reduction's LayerNorm;
+            the block's LayerNorm in stages without reduction), one set per block at that stage's width. Swin: one
+            set per block, shared by every window, with no relative position bias and never masked by the shifted
+            windows. Key/value prompts are deep only (`deep=True`): they produce no outputs to carry.
         deep (`bool`):
             Deep VPT (`True`): fresh prompts are inserted before every chosen block and their outputs are dropped
             after it. Shallow VPT (`False`): prompts are inserted once, before the first chosen block, and carried
@@ -44,10 +58,15 @@ class VisualPromptConfig(PeftConfig):
             of an UperNet head). Name a leaf `Conv2d`/`Linear` so that mixed-center batches can route it per sample.
         block_class, hidden_size, num_blocks, num_prefix_tokens, patch_size, base_model_type, base_fingerprint:
             Resolved from the base model when the adapter is created and saved with it, so that an adapter file
-            describes itself and refuses a base it was not made for. Leave them `None`.
+            describes itself and refuses a base it was not made for. Leave them `None`. With key/value prompts,
+            `hidden_size` is the widest attention layer and `num_prefix_tokens` is 0.
     """
 
     num_virtual_tokens: int = field(default=10, metadata={"help": "Number of prompt tokens per prompted block."})
+    prompt_mode: Literal["tokens", "key_value"] = field(
+        default="tokens",
+        metadata={"help": "'tokens': prompts join the token sequence; 'key_value': they join attention keys/values."},
+    )
     deep: bool = field(default=True, metadata={"help": "Deep (per-block prompts) or shallow (first block) VPT."})
     layers: list[int] | None = field(
         default=None, metadata={"help": "Indices of the prompted blocks; None: all (deep) or the first (shallow)."}
@@ -82,6 +101,13 @@ class VisualPromptConfig(PeftConfig):
             raise ValueError(f"num_virtual_tokens must be a positive int, got {self.num_virtual_tokens!r}.")
         if self.num_virtual_tokens < 1:
             raise ValueError(f"num_virtual_tokens must be a positive int, got {self.num_virtual_tokens}.")
+        if self.prompt_mode not in ("tokens", "key_value"):
+            raise ValueError(f"prompt_mode must be 'tokens' or 'key_value', got {self.prompt_mode!r}.")
+        if self.prompt_mode == "key_value" and not self.deep:
+            raise ValueError(
+                "prompt_mode='key_value' is deep VPT only (deep=True): key/value prompts have no outputs to carry to "
+                "the next block, which shallow VPT needs."
+            )
         if self.prompt_init not in ("vpt", "normal"):
             raise ValueError(f"prompt_init must be 'vpt' or 'normal', got {self.prompt_init!r}.")
         if not 0.0 <= self.prompt_dropout < 1.0:

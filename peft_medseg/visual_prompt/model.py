@@ -11,8 +11,9 @@ from peft.tuners.tuners_utils import BaseTuner, _get_submodules
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
-from .architectures import describe_base, find_blocks
+from .architectures import describe_base, describe_key_value_base, find_blocks
 from .config import VisualPromptConfig
+from .kv_layer import KeyValuePromptLayer, key_value_targets
 from .layer import BASE_ADAPTER_NAME, PromptCarry, VisualPromptLayer
 
 # Fields resolved from the base; a mismatch with a loaded adapter means the prompts would mean nothing there.
@@ -40,6 +41,9 @@ class VisualPromptModel(BaseTuner):
     >>> model.print_trainable_parameters()
     ```
 
+    With `prompt_mode="key_value"` the prompts join the keys and values of the encoder's attention layers instead
+    (SegFormer, Swin; see `VisualPromptConfig`).
+
     Several centers share one base: `add_adapter`/`load_adapter` add one adapter per center, `set_adapter` switches,
     and `model(pixel_values=x, adapter_names=["center-A", "center-B", "__base__", ...])` mixes centers within one
     batch, in inference and in training, in one pass through the encoder.
@@ -52,6 +56,8 @@ class VisualPromptModel(BaseTuner):
     def __init__(self, model, peft_config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
         self._carry = PromptCarry()
         self._targets: dict[str, str] = {}
+        # Key/value mode: attention module name -> (the norm that feeds its key/value projections, attention layout).
+        self._key_value_targets: dict[str, tuple[nn.Module, str]] = {}
         super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
     # ----------------------------------------------------------------- injection
@@ -60,8 +66,8 @@ class VisualPromptModel(BaseTuner):
 
     def _prepare_model(self, peft_config: VisualPromptConfig, model: nn.Module) -> None:
         # Runs before any module is touched: every check that can fail happens here.
-        block_class, blocks = find_blocks(model, peft_config.target_modules)
-        base = describe_base(model, block_class, blocks)
+        block_class, blocks = find_blocks(model, peft_config.target_modules, peft_config.prompt_mode)
+        base = _describe(model, peft_config, block_class, blocks)
         check_base_compatible(model, peft_config, base)
         for field_name, value in base.items():
             setattr(peft_config, field_name, value)
@@ -78,7 +84,11 @@ class VisualPromptModel(BaseTuner):
             raise ValueError(
                 f"layers={peft_config.layers}: {out_of_range} outside 0..{num_blocks - 1} ({block_class})."
             )
-        if peft_config.deep:
+        if peft_config.prompt_mode == "key_value":
+            # Prompts join the attention inside each chosen block (the config allows deep prompts only).
+            self._key_value_targets = key_value_targets(block_class, blocks, layers)
+            self._targets = {name: "insert" for name in self._key_value_targets}
+        elif peft_config.deep:
             self._targets = {blocks[i][0]: "insert" for i in layers}
         else:
             # Shallow prompts enter once and are carried by every later block.
@@ -92,11 +102,20 @@ class VisualPromptModel(BaseTuner):
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         layer = getattr(target, "visual_prompt", None)
-        if layer is None:
-            layer = VisualPromptLayer(target, peft_config.num_prefix_tokens, self._carry)
-            target.visual_prompt = layer
-            layer.set_adapter(self.active_adapters)
-        layer.update_layer(adapter_name, peft_config, self._targets[current_key], peft_config.hidden_size)
+        if peft_config.prompt_mode == "key_value":
+            # `target` is an attention module; its prompts have its own width (stages differ in hierarchical models).
+            if layer is None:
+                norm, layout = self._key_value_targets[current_key]
+                layer = KeyValuePromptLayer(target, norm, layout)
+                target.visual_prompt = layer
+                layer.set_adapter(self.active_adapters)
+            layer.update_layer(adapter_name, peft_config, "insert", target.k_proj.in_features)
+        else:
+            if layer is None:
+                layer = VisualPromptLayer(target, peft_config.num_prefix_tokens, self._carry)
+                target.visual_prompt = layer
+                layer.set_adapter(self.active_adapters)
+            layer.update_layer(adapter_name, peft_config, self._targets[current_key], peft_config.hidden_size)
         # Prompts live on the device of their block.
         device = next(target.parameters()).device
         layer.to(device)
@@ -108,9 +127,11 @@ class VisualPromptModel(BaseTuner):
                 "Visual prompts add tokens to the sequence and cannot be merged into the base weights; use "
                 "`unload()` to get the base model back."
             )
-        for module in self.model.modules():
-            if isinstance(getattr(module, "visual_prompt", None), VisualPromptLayer):
-                VisualPromptLayer.uninstall(module)
+        prompted = [
+            m for m in self.model.modules() if isinstance(getattr(m, "visual_prompt", None), VisualPromptLayer)
+        ]
+        for module in prompted:  # blocks (token-level prompts) and attention modules (key/value prompts)
+            type(module.visual_prompt).uninstall(module)
         # The base is shared by every center, so unloading gives back the original modules, not one center's trained
         # copies (peft's LoRA keeps the active copy of a modules_to_save module instead).
         wrappers = [name for name, m in self.model.named_modules() if isinstance(m, AuxiliaryTrainingWrapper)]
@@ -211,8 +232,8 @@ def check_base_compatible(
     `base_model_name_or_path`/`revision`) only warns, since fine-tuned bases are legitimate; `strict=True` raises.
     """
     if base is None:
-        block_class, blocks = find_blocks(model, config.target_modules)
-        base = describe_base(model, block_class, blocks)
+        block_class, blocks = find_blocks(model, config.target_modules, config.prompt_mode)
+        base = _describe(model, config, block_class, blocks)
     mismatched = {
         name: (getattr(config, name), base[name])
         for name in ARCHITECTURE_FIELDS
@@ -234,3 +255,8 @@ def check_base_compatible(
         if strict:
             raise ValueError(message)
         warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def _describe(model: nn.Module, config: VisualPromptConfig, block_class: str, blocks) -> dict:
+    describe = describe_key_value_base if config.prompt_mode == "key_value" else describe_base
+    return describe(model, block_class, blocks)
