@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from peft import get_peft_model
+from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
 import peft_medseg
 from peft_medseg.models import build_segmentation_model
@@ -92,6 +93,50 @@ def bench_inference(args) -> dict:
         "vpt_vs_base": t["vpt"] / t["base"],
         "mixed_vs_single_adapter": t["mixed"] / t["vpt"],
         "mixed_speedup_vs_loop": t["loop"] / t["mixed"],
+    }
+
+
+MIT_SIZES = {  # SegFormer's MiT encoders (SegformerConfig's defaults are b0); b1..b5 share b2's widths
+    "b0": dict(hidden_sizes=[32, 64, 160, 256], depths=[2, 2, 2, 2], decoder_hidden_size=256),
+    "b2": dict(hidden_sizes=[64, 128, 320, 512], depths=[3, 4, 6, 3], decoder_hidden_size=768),
+}
+
+
+def bench_segformer(args, size: str = "b0") -> dict:
+    """SegFormer (MiT, random init, offline) with key/value prompts vs the bare base: inference latency ratios.
+
+    Key/value prompts join the spatially reduced keys/values of every attention layer, so their cost is
+    num_virtual_tokens extra keys per layer plus the prompts' own key/value projections.
+    """
+    torch.manual_seed(0)
+    base = SegformerForSemanticSegmentation(SegformerConfig(num_labels=4, **MIT_SIZES[size])).eval()
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
+    centers = [f"center-{i}" for i in range(4)]
+    config = dict(num_virtual_tokens=args.num_virtual_tokens, prompt_mode="key_value")
+    model = get_peft_model(copy.deepcopy(base), peft_medseg.VisualPromptConfig(**config), adapter_name=centers[0])
+    for name in centers[1:]:
+        model.add_adapter(name, peft_medseg.VisualPromptConfig(**config))
+    model.set_adapter(centers[0])
+    model.eval()
+    mixed_names = [centers[i % 4] for i in range(args.batch_size)]
+    with torch.inference_mode():
+        t = interleaved_medians(
+            {
+                "base": lambda: base(pixel_values=x),
+                "kv": lambda: model(pixel_values=x),
+                "mixed": lambda: model(pixel_values=x, adapter_names=mixed_names),
+            },
+            args.repeats,
+        )
+    trainable, _ = model.get_nb_trainable_parameters()
+    return {
+        "mit_size": size,
+        "base_ms": 1000 * t["base"],
+        "kv_prompts_ms": 1000 * t["kv"],
+        "mixed_4_centers_ms": 1000 * t["mixed"],
+        "kv_vs_base": t["kv"] / t["base"],
+        "mixed_vs_single_adapter": t["mixed"] / t["kv"],
+        "trainable_per_center": trainable // len(centers),
     }
 
 
@@ -166,14 +211,16 @@ def main() -> None:
         f"tokens={args.num_virtual_tokens} device={device} threads={torch.get_num_threads()}"
     )
     results = {"setup": vars(args) | {"device": device}, "inference": bench_inference(args)}
+    results["segformer"] = bench_segformer(args)
     results["training"] = bench_training(args)
-    inf, tr = results["inference"], results["training"]
+    inf, tr, seg = results["inference"], results["training"], results["segformer"]
     print("| measure | value | target |\n|---|---|---|")
     print(
         f"| deep VPT ({args.num_virtual_tokens} tokens) / base, inference latency | {inf['vpt_vs_base']:.3f}× | ≤ 1.10× |"
     )
     print(f"| mixed batch (4 centers) / one adapter | {inf['mixed_vs_single_adapter']:.3f}× | ≤ 1.05× |")
     print(f"| per-sample set_adapter loop / mixed batch | {inf['mixed_speedup_vs_loop']:.2f}× faster | — |")
+    print(f"| SegFormer-b0 key/value prompts / base, inference latency | {seg['kv_vs_base']:.3f}× | ≤ 1.10× |")
     print(f"| VPT / full fine-tuning, training step time | {tr['vpt_vs_full_time']:.3f}× | — |")
     print(f"| VPT / full fine-tuning, training peak memory | {tr['vpt_vs_full_memory']:.3f}× | ≤ 0.7× |")
     output = Path(args.output)
