@@ -31,10 +31,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--revision", default=None, help="Branch to push to; created from main when missing.")
     parser.add_argument("--create-pr", action="store_true", help="Open a pull request against main instead.")
     parser.add_argument("--commit-message", default=None)
-    parser.add_argument("--license", default=DEFAULT_LICENSE, help=f"License id for the card (default {DEFAULT_LICENSE}).")
+    parser.add_argument(
+        "--license", default=DEFAULT_LICENSE, help=f"License id for the card (default {DEFAULT_LICENSE})."
+    )
     parser.add_argument("--base-model", default=None, help="Hub id of the base, if the config records a local path.")
     parser.add_argument("--dry-run", action="store_true", help="Write the upload folder instead of pushing.")
-    parser.add_argument("--output-dir", type=Path, default=None, help="Dry-run folder (default: <adapter_dir>-upload).")
+    parser.add_argument(
+        "--output-dir", type=Path, default=None, help="Dry-run folder (default: <adapter_dir>-upload)."
+    )
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing --output-dir.")
     args = parser.parse_args(argv)
     if args.create_pr and args.revision not in (None, "main"):

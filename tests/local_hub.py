@@ -196,13 +196,19 @@ def _make_handler(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
             if not self._authorized():
                 self._error(401, "Unauthorized", "Invalid credentials in Authorization header")
                 return
-            repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
+            repo_id = (
+                f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
+            )
             private = payload.get("visibility") == "private" or bool(payload.get("private"))
             with hub._lock:
                 if repo_id in hub.repos:
                     # The Hub's 409 body carries the repo url, which `create_repo(exist_ok=True)` returns.
                     headers = {"X-Error-Message": "You already created this model repo"}
-                    self._json(409, {"error": "You already created this model repo", "url": f"{hub.endpoint}/{repo_id}"}, headers)
+                    self._json(
+                        409,
+                        {"error": "You already created this model repo", "url": f"{hub.endpoint}/{repo_id}"},
+                        headers,
+                    )
                     return
                 repo = Repo(repo_id=repo_id, private=private)
                 repo.commit("main", {".gitattributes": GITATTRIBUTES}, set(), "initial commit")

@@ -45,7 +45,11 @@ EVALUATION = {
     "dataset": "org/headneck-ct",
     "trainable_parameters": 1219,
     "total_parameters": 250000,
-    "metrics": {"A": {"dice": 0.71, "hd95": 6.5}, "B": {"dice": 0.84, "hd95": 3.25}, "C": {"dice": 0.66, "hd95": None}},
+    "metrics": {
+        "A": {"dice": 0.71, "hd95": 6.5},
+        "B": {"dice": 0.84, "hd95": 3.25},
+        "C": {"dice": 0.66, "hd95": None},
+    },
     "train": {"num_train_cases": 12, "epochs": 3, "learning_rate": 0.001, "seed": 0},
 }
 
@@ -129,7 +133,13 @@ def test_card_renders_with_metadata_that_huggingface_hub_parses(adapter):
     name, results = model_index_to_eval_results(reparsed.data.to_dict()["model-index"])
     assert name == "org/center-B"
     scores = {(r.dataset_config, r.metric_type): r.metric_value for r in results}
-    assert scores == {("A", "dice"): 0.71, ("A", "hd95"): 6.5, ("B", "dice"): 0.84, ("B", "hd95"): 3.25, ("C", "dice"): 0.66}
+    assert scores == {
+        ("A", "dice"): 0.71,
+        ("A", "hd95"): 6.5,
+        ("B", "dice"): 0.84,
+        ("B", "hd95"): 3.25,
+        ("C", "dice"): 0.66,
+    }
 
     text = card.text
     for needle in (
@@ -192,7 +202,9 @@ def test_validate_adapter_folder_rejects_weights_that_do_not_fit_the_stated_base
 
     not_vpt = _copy_adapter(adapter["adapter"], tmp_path / "not-vpt")
     (not_vpt / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "LORA"}))
-    with pytest.raises(ValueError, match=r"adapter_config\.json: field 'peft_type' must be 'VISUAL_PROMPT', got 'LORA'"):
+    with pytest.raises(
+        ValueError, match=r"adapter_config\.json: field 'peft_type' must be 'VISUAL_PROMPT', got 'LORA'"
+    ):
         validate_adapter_folder(not_vpt)
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         validate_adapter_folder(tmp_path)
@@ -209,7 +221,9 @@ def test_dry_run_writes_the_upload_folder_atomically(adapter, tmp_path, monkeypa
     assert push_adapter.main([*args, "--dry-run", "--output-dir", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == UPLOADED
     assert sorted(p.name for p in tmp_path.iterdir()) == ["upload"]  # no temporary folder left behind
-    assert (out / "adapter_model.safetensors").read_bytes() == (adapter["adapter"] / "adapter_model.safetensors").read_bytes()
+    assert (out / "adapter_model.safetensors").read_bytes() == (
+        adapter["adapter"] / "adapter_model.safetensors"
+    ).read_bytes()
     assert (out / "evaluation.json").read_bytes() == adapter["eval"].read_bytes()
     validate_card_metadata((out / "README.md").read_text())
     with pytest.raises(FileExistsError, match="already exists"):

@@ -43,7 +43,9 @@ def _eval_results(evaluation: dict[str, Any]) -> list[EvalResult]:
             dataset_config=test_center,
             dataset_split="test",
         )
-        results.append(EvalResult(metric_type="dice", metric_name="Dice", metric_value=round(scores["dice"], 4), **common))
+        results.append(
+            EvalResult(metric_type="dice", metric_name="Dice", metric_value=round(scores["dice"], 4), **common)
+        )
         if scores["hd95"] is not None:
             results.append(
                 EvalResult(metric_type="hd95", metric_name="HD95", metric_value=round(scores["hd95"], 4), **common)
@@ -174,7 +176,9 @@ def validate_card_metadata(card: ModelCard | str) -> ModelCardData:
     if data.eval_results:
         for result in data.eval_results:
             if not isinstance(result.metric_value, (int, float)) or not math.isfinite(result.metric_value):
-                raise ValueError(f"card metadata: {result.metric_type} of {result.dataset_name} is not a finite number.")
+                raise ValueError(
+                    f"card metadata: {result.metric_type} of {result.dataset_name} is not a finite number."
+                )
         if eval_results_to_model_index(data.model_name, data.eval_results) != raw_index:
             raise ValueError("card metadata: model-index does not survive a parse/serialise round trip.")
     return data

@@ -81,7 +81,9 @@ def validate_adapter_folder(adapter_dir: str | Path) -> AdapterCheck:
             )
     bad_layers = [i for i in config.get("layers") or [] if not 0 <= i < config["num_blocks"]]
     if bad_layers:
-        raise ValueError(f"{config_path}: field 'layers' has {bad_layers}, outside the base's {config['num_blocks']} blocks.")
+        raise ValueError(
+            f"{config_path}: field 'layers' has {bad_layers}, outside the base's {config['num_blocks']} blocks."
+        )
 
     expected_shape = (config["num_virtual_tokens"], config["hidden_size"])
     num_prompts, num_parameters = 0, 0
@@ -237,7 +239,9 @@ def push_adapter_to_hub(
         The `huggingface_hub.CommitInfo` of the commit; `pr_url` is set when `create_pr=True`.
     """
     if create_pr and revision not in (None, "main"):
-        raise ValueError(f"create_pr opens a pull request against main; it cannot be combined with revision={revision!r}.")
+        raise ValueError(
+            f"create_pr opens a pull request against main; it cannot be combined with revision={revision!r}."
+        )
     api = HfApi(endpoint=endpoint, token=token)
     with tempfile.TemporaryDirectory(prefix="peft_medseg-push-") as tmp:
         folder = prepare_upload_folder(
@@ -250,7 +254,9 @@ def push_adapter_to_hub(
         )
         api.create_repo(repo_id, private=private, exist_ok=True)
         if private and not api.model_info(repo_id).private:
-            raise ValueError(f"{repo_id} already exists and is public, but private=True (--private) was asked: not uploading.")
+            raise ValueError(
+                f"{repo_id} already exists and is public, but private=True (--private) was asked: not uploading."
+            )
         if revision not in (None, "main"):
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         if commit_message is None:
