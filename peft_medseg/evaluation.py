@@ -1,0 +1,276 @@
+"""Evaluating segmentation models per center, and the center x center matrix of base, adapters and full models.
+
+Two protocols (see `center_matrix`):
+- *paper*: each model (the base, one adapter per new center, full fine-tuned models) is evaluated on every center's
+  test split: one row per model, one column per test center;
+- *routed*: each center goes through its own adapter and centers without one through the base, in mixed-center
+  batches (`adapter_names`), which is how one deployed model serves every hospital.
+
+Cells hold the mean foreground Dice (per image, then averaged per center) and HD95 in pixels of the model input.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .data import collate_segmentation
+from .metrics import aggregate_by_center, dice_per_class, hd95, mean_foreground
+
+# The recipes write this file next to each fine-tuned model (see peft_medseg.hub.evaluation).
+EVALUATION_FILENAME = "evaluation.json"
+BASE_ROW = "base"
+ROUTED_ROW = "routed"
+# Row name for the base in mixed-center batches (see peft_medseg.BASE_ADAPTER_NAME).
+BASE_ADAPTER = "__base__"
+
+
+@torch.no_grad()
+def predict(model: nn.Module, pixel_values: torch.Tensor, adapter_names: Sequence[str] | None = None) -> torch.Tensor:
+    """Predicted label maps (B, H, W) at the input size; `adapter_names` routes each row of a peft model."""
+    kwargs = {"adapter_names": list(adapter_names)} if adapter_names is not None else {}
+    logits = model(pixel_values=pixel_values, **kwargs).logits
+    if logits.shape[-2:] != pixel_values.shape[-2:]:
+        logits = torch.nn.functional.interpolate(logits, size=pixel_values.shape[-2:], mode="bilinear")
+    return logits.argmax(dim=1)
+
+
+@torch.no_grad()
+def evaluate_segmentation(
+    model: nn.Module,
+    dataset: Dataset,
+    num_labels: int,
+    batch_size: int = 16,
+    adapter_for_center: Callable[[str], str] | None = None,
+    compute_hd95: bool = True,
+    ignore_index: int = 255,
+) -> dict[str, dict[str, float]]:
+    """Per-center scores `{center: {"dice": float, "hd95": float}}` of `model` on a transformed dataset.
+
+    `dataset` rows have `pixel_values`, `labels` and `center` (a `set_transform`ed split). Each image scores the mean
+    Dice over foreground classes (a class absent from both prediction and reference scores 1) and the mean HD95 over
+    the foreground classes where it is defined (NaN when none is); centers average their images. With
+    `adapter_for_center`, each row is routed through the adapter named for its center in one mixed batch.
+    The model is put in eval mode, and put back in its previous mode afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_segmentation)
+    dice_scores, hd95_scores, centers = [], [], []
+    for batch in loader:
+        names = [adapter_for_center(c) for c in batch["center"]] if adapter_for_center else None
+        predictions = predict(model, batch["pixel_values"].to(device), names).cpu().numpy()
+        references = batch["labels"].numpy()
+        for prediction, reference, center in zip(predictions, references, batch["center"]):
+            dice_scores.append(mean_foreground(dice_per_class(prediction, reference, num_labels, ignore_index)))
+            if compute_hd95:
+                hd95_scores.append(mean_foreground(hd95(prediction, reference, num_labels, ignore_index=ignore_index)))
+            centers.append(center)
+    model.train(was_training)
+    dice_by_center = aggregate_by_center(dice_scores, centers)
+    hd95_by_center = aggregate_by_center(hd95_scores, centers) if compute_hd95 else {}
+    return {
+        str(center): {"dice": float(dice), "hd95": float(hd95_by_center.get(center, math.nan))}
+        for center, dice in dice_by_center.items()
+    }
+
+
+def mean_dice(scores: dict[str, dict[str, float]]) -> float:
+    """Mean over centers of the per-center Dice: the validation criterion of multi-center training."""
+    return float(np.mean([value["dice"] for value in scores.values()]))
+
+
+def json_scores(scores: dict[str, dict[str, float]]) -> dict[str, dict[str, float | None]]:
+    """Scores for a JSON file: an undefined HD95 (NaN: an empty prediction) becomes null."""
+    return {
+        center: {key: (None if value is None or not math.isfinite(value) else value) for key, value in cell.items()}
+        for center, cell in scores.items()
+    }
+
+
+@dataclass
+class MatrixRow:
+    """One row of the center matrix: a model (or the routed protocol) and its scores on every test center."""
+
+    name: str
+    method: str
+    adapted: tuple[str, ...] = ()  # the center(s) it was adapted to: none for the base, every routed one for routed
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass
+class CenterMatrix:
+    """The center x center evaluation: rows (base first, routed last) and the test centers (columns)."""
+
+    centers: list[str]
+    rows: list[MatrixRow]
+    # Routed protocol: center -> adapter name in the returned multi-adapter model; other centers use the base.
+    routes: dict[str, str] = field(default_factory=dict)
+
+    def row(self, name: str) -> MatrixRow:
+        return next(row for row in self.rows if row.name == name)
+
+    def forgetting(self, row: MatrixRow) -> float:
+        """Mean Dice change vs the base on the centers `row` was not adapted to (negative: forgetting)."""
+        base = self.row(BASE_ROW).scores
+        old = [c for c in self.centers if c not in row.adapted]
+        if not old:
+            return math.nan
+        return float(np.mean([row.scores[c]["dice"] - base[c]["dice"] for c in old]))
+
+    def dice_array(self) -> np.ndarray:
+        """(rows, centers) array of Dice."""
+        return np.array([[row.scores[c]["dice"] for c in self.centers] for row in self.rows])
+
+    def to_markdown(self) -> str:
+        """A Markdown table: `dice / hd95` per cell, the adapted center in bold, and the forgetting column."""
+        header = "| model | method | " + " | ".join(self.centers) + " | forgetting (old centers, ΔDice vs base) |"
+        lines = [header, "|" + "---|" * (len(self.centers) + 3)]
+        for row in self.rows:
+            cells = []
+            for center in self.centers:
+                score = row.scores[center]
+                text = f"{score['dice']:.3f} / {_format_hd95(score['hd95'])}"
+                cells.append(f"**{text}**" if center in row.adapted else text)
+            forgetting = "" if row.name == BASE_ROW else f"{self.forgetting(row):+.3f}"
+            lines.append(f"| {row.name} | {row.method} | " + " | ".join(cells) + f" | {forgetting} |")
+        return "\n".join(lines) + "\n\nCells: mean foreground Dice / HD95 (pixels); bold: the model's own center.\n"
+
+    def write_csv(self, path: str | Path) -> None:
+        """One line per (row, test center): model, method, adapted_center, test_center, dice, hd95, forgetting."""
+        with open(path, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["model", "method", "adapted_centers", "test_center", "dice", "hd95", "forgetting"])
+            for row in self.rows:
+                forgetting = "" if row.name == BASE_ROW else f"{self.forgetting(row):.6f}"
+                for center in self.centers:
+                    score = row.scores[center]
+                    writer.writerow(
+                        [row.name, row.method, " ".join(row.adapted), center, f"{score['dice']:.6f}",
+                         f"{score['hd95']:.6f}", forgetting]
+                    )  # fmt: skip
+
+    def to_json(self) -> dict:
+        """The matrix as a JSON-ready dict (undefined HD95 as null)."""
+        return {
+            "centers": self.centers,
+            "rows": [
+                {"name": r.name, "method": r.method, "adapted": list(r.adapted), "scores": json_scores(r.scores)}
+                for r in self.rows
+            ],
+        }
+
+
+def _format_hd95(value: float) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.1f}"
+
+
+@dataclass
+class TrainedModel:
+    """A fine-tuned model folder and what its evaluation JSON says about it."""
+
+    path: Path
+    name: str
+    method: str
+    center: str | None
+    is_adapter: bool
+    peft_type: str | None
+
+
+def describe_model_folder(path: str | Path) -> TrainedModel:
+    """Read a folder written by `finetune_center.py`: its center and method from evaluation.json when present."""
+    from .training.saving import is_adapter_folder
+
+    path = Path(path)
+    info = {}
+    if (path / EVALUATION_FILENAME).is_file():
+        info = json.loads((path / EVALUATION_FILENAME).read_text())
+    peft_type = None
+    if is_adapter_folder(path):
+        peft_type = json.loads((path / "adapter_config.json").read_text()).get("peft_type")
+    method = info.get("method") or ("adapter" if peft_type else "full")
+    center = info.get("center")
+    name = f"{method}:{center}" if center else path.name
+    return TrainedModel(path, name, method, center, peft_type is not None, peft_type)
+
+
+def center_matrix(
+    base_model: str | Path,
+    model_dirs: Sequence[str | Path],
+    test_dataset: Dataset,
+    num_labels: int,
+    batch_size: int = 16,
+    routed: bool = True,
+) -> tuple[CenterMatrix, nn.Module | None]:
+    """Evaluate the base and every fine-tuned model on every center of `test_dataset` (transformed rows).
+
+    Rows: `base` (direct inference), then each model folder, then `routed` when `routed` and at least one visual
+    prompt adapter is given: each center through the first visual prompt adapter trained for it, the base for the
+    others, in mixed-center batches. Returns the matrix and the multi-adapter peft model used for routing (or None),
+    which callers reuse for overlays.
+    """
+    from peft import PeftModel
+
+    # Imported here: the training package imports this module. Importing peft_medseg registers the prompt type.
+    from .training.saving import load_base
+
+    centers = sorted({str(c) for c in test_dataset["center"]})
+    base, _ = load_base(base_model)
+    rows = [
+        MatrixRow(BASE_ROW, "direct inference", (), evaluate_segmentation(base, test_dataset, num_labels, batch_size))
+    ]
+    prompted: PeftModel | None = None  # one base carrying every visual prompt adapter, for routing
+    route: dict[str, str] = {}
+    for info in (describe_model_folder(p) for p in model_dirs):
+        if info.peft_type == "VISUAL_PROMPT":
+            # Module keys cannot hold dots: name the adapter by the row name with punctuation replaced.
+            adapter_name = re.sub(r"\W", "_", info.name)
+            if prompted is None:
+                prompted = PeftModel.from_pretrained(copy.deepcopy(base), str(info.path), adapter_name=adapter_name)
+            else:
+                prompted.load_adapter(str(info.path), adapter_name=adapter_name)
+            prompted.set_adapter(adapter_name)
+            model = prompted.eval()
+            if info.center and info.center not in route:
+                route[info.center] = adapter_name
+        elif info.is_adapter:
+            model = PeftModel.from_pretrained(copy.deepcopy(base), str(info.path)).eval()
+        else:
+            model, _ = load_base(info.path)
+        scores = evaluate_segmentation(model, test_dataset, num_labels, batch_size)
+        rows.append(MatrixRow(info.name, info.method, (info.center,) if info.center else (), scores))
+    if routed and prompted is not None:
+        scores = evaluate_segmentation(
+            prompted, test_dataset, num_labels, batch_size, adapter_for_center=lambda c: route.get(c, BASE_ADAPTER)
+        )
+        method = "routed: " + ", ".join(f"{c}→{n}" for c, n in sorted(route.items())) + "; others→base"
+        rows.append(MatrixRow(ROUTED_ROW, method, tuple(sorted(route)), scores))
+    return CenterMatrix(centers, rows, route), prompted
+
+
+__all__ = [
+    "BASE_ROW",
+    "ROUTED_ROW",
+    "CenterMatrix",
+    "MatrixRow",
+    "TrainedModel",
+    "center_matrix",
+    "describe_model_folder",
+    "evaluate_segmentation",
+    "json_scores",
+    "mean_dice",
+    "predict",
+]

@@ -1,0 +1,61 @@
+"""Training for multi-center segmentation: methods (VPT, LoRA, partial, full), loss, data setup and the loop."""
+
+from .data import (
+    SYNTHETIC,
+    SeededTransform,
+    eval_transform,
+    load_multicenter_dataset,
+    restrict_centers,
+    split_validation,
+)
+from .loop import (
+    TrainingConfig,
+    TrainingResult,
+    latest_checkpoint,
+    make_accelerator,
+    train_segmentation,
+    trainable_state,
+)
+from .loss import segmentation_loss
+from .methods import (
+    CLASSIFIER_MODULE,
+    DEFAULT_LEARNING_RATES,
+    LORA_TARGET_MODULES,
+    METHODS,
+    PEFT_METHODS,
+    count_parameters,
+    default_learning_rate,
+    prepare_model,
+    set_train_mode,
+)
+from .saving import atomic_directory, is_adapter_folder, load_base, load_finetuned, save_finetuned
+
+__all__ = [
+    "CLASSIFIER_MODULE",
+    "DEFAULT_LEARNING_RATES",
+    "LORA_TARGET_MODULES",
+    "METHODS",
+    "PEFT_METHODS",
+    "SYNTHETIC",
+    "SeededTransform",
+    "TrainingConfig",
+    "TrainingResult",
+    "atomic_directory",
+    "count_parameters",
+    "default_learning_rate",
+    "eval_transform",
+    "is_adapter_folder",
+    "latest_checkpoint",
+    "load_base",
+    "load_finetuned",
+    "load_multicenter_dataset",
+    "make_accelerator",
+    "prepare_model",
+    "restrict_centers",
+    "save_finetuned",
+    "segmentation_loss",
+    "set_train_mode",
+    "split_validation",
+    "train_segmentation",
+    "trainable_state",
+]

@@ -1,0 +1,94 @@
+"""Evaluate the base, each center's adapter and full fine-tuned models on every center: the center x center matrix.
+
+    python recipes/evaluate_centers.py --base_model outputs/base-tiny \
+        --models outputs/vpt-deep-flair_1p5t outputs/full-flair_1p5t --output_dir outputs/eval
+
+Rows: the base (direct inference), each model folder written by finetune_center.py, and "routed" (each center through
+its own visual prompt adapter in one mixed-center batch, the base for centers without one). Columns: each center's
+test split. Cells: mean foreground Dice / HD95 (pixels). "forgetting": mean Dice change vs the base on the centers a
+row was not adapted to. Writes matrix.md, matrix.csv, matrix.json, dice_heatmap.png and overlays.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from peft_medseg.evaluation import BASE_ADAPTER, center_matrix, json_scores, predict
+from peft_medseg.plots import plot_dice_heatmap, plot_overlays
+from peft_medseg.training import eval_transform, load_base, load_multicenter_dataset
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
+    parser.add_argument("--base_model", required=True, help="The base saved by pretrain_base.py.")
+    parser.add_argument("--models", nargs="*", default=[], help="Folders written by finetune_center.py.")
+    parser.add_argument(
+        "--dataset", default="synthetic", help="'synthetic', a folder <root>/<center>/images|masks or a datasets id."
+    )
+    parser.add_argument("--centers", nargs="+", default=None, help="Test centers (default: all).")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--num_overlays", type=int, default=2, help="Test images per center in overlays.png.")
+    parser.add_argument("--output_dir", required=True)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _, processor = load_base(args.base_model)
+    base_config = json.loads((Path(args.base_model) / "config.json").read_text())
+    num_labels = len(base_config["id2label"])
+    data, _ = load_multicenter_dataset(args.dataset, args.centers, num_labels)
+    test = data["test"]
+    test.set_transform(eval_transform(processor))
+
+    matrix, prompted = center_matrix(args.base_model, args.models, test, num_labels, args.batch_size)
+    markdown = matrix.to_markdown()
+    (output_dir / "matrix.md").write_text(markdown)
+    matrix.write_csv(output_dir / "matrix.csv")
+    (output_dir / "matrix.json").write_text(json.dumps(matrix.to_json(), indent=2))
+    plot_dice_heatmap(matrix, output_dir / "dice_heatmap.png")
+    print(markdown)
+
+    # Side by side for each adapted center: the base's direct inference vs the model trained for it.
+    base_scores = matrix.row("base").scores
+    for row in matrix.rows[1:]:
+        for center in row.adapted:
+            if row.name != "routed":
+                print(
+                    f"{center}: direct inference Dice {base_scores[center]['dice']:.3f} | "
+                    f"{row.method} Dice {row.scores[center]['dice']:.3f}"
+                )
+    (output_dir / "base_scores.json").write_text(json.dumps(json_scores(base_scores), indent=2))
+
+    # Overlays: a few test images per center, reference, base and routed predictions.
+    per_center: dict[str, list[int]] = {}
+    for index, center in enumerate(test["center"]):
+        if len(per_center.setdefault(center, [])) < args.num_overlays:
+            per_center[center].append(index)
+    indices = [i for center in sorted(per_center) for i in per_center[center]]
+    rows = [test[i] for i in indices]
+    pixels = torch.stack([r["pixel_values"] for r in rows])
+    base, _ = load_base(args.base_model)
+    panels = {"reference": [r["labels"].numpy() for r in rows], "base": list(predict(base, pixels).numpy())}
+    if prompted is not None:
+        routed = next(r for r in matrix.rows if r.name == "routed")
+        route = dict(
+            zip(routed.adapted, [n for n in routed.method.split("; ")[0].removeprefix("routed: ").split(", ")])
+        )
+        names = [route[r["center"]].split("→")[1] if r["center"] in route else BASE_ADAPTER for r in rows]
+        panels["routed"] = list(predict(prompted, pixels, names).numpy())
+    images = [r["pixel_values"][0].numpy() for r in rows]
+    plot_overlays(images, panels, [r["center"] for r in rows], output_dir / "overlays.png", num_labels)
+    print(f"Wrote {output_dir}/matrix.md, matrix.csv, matrix.json, dice_heatmap.png, overlays.png")
+
+
+if __name__ == "__main__":
+    main()

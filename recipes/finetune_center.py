@@ -1,0 +1,151 @@
+"""Adapt a pretrained base to one new center: visual prompts, LoRA, the decode head, the classifier, or everything.
+
+    # Deep VPT (+ the last classifier) for the held-out synthetic center, 10 training cases:
+    python recipes/finetune_center.py --base_model outputs/base-tiny --method vpt-deep --num_train_cases 10 \
+        --output_dir outputs/vpt-deep-flair_1p5t
+
+    # Baselines: --method vpt-shallow | lora | decoder | classifier | full (full/decoder/classifier save full models).
+    # Two processes on CPU (gloo) or GPUs, bf16, gradient accumulation, TensorBoard, checkpoints every 50 steps:
+    accelerate launch --num_processes 2 recipes/finetune_center.py --base_model outputs/base-tiny \
+        --method vpt-deep --mixed_precision bf16 --gradient_accumulation_steps 2 --report_to tensorboard \
+        --checkpointing_steps 50 --output_dir outputs/vpt-deep-flair_1p5t
+    torchrun --nproc_per_node 2 recipes/finetune_center.py --base_model outputs/base-tiny --method vpt-deep \
+        --output_dir outputs/vpt-deep-flair_1p5t
+
+    # Killed? Continue from the newest complete checkpoint, with no lost or repeated step:
+    python recipes/finetune_center.py ... --resume_from_checkpoint latest
+
+Writes <output_dir>/ (the adapter, or the full model) with evaluation.json: Dice and HD95 on every center's test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from accelerate.utils import set_seed
+
+from peft_medseg.evaluation import evaluate_segmentation, json_scores
+from peft_medseg.training import (
+    METHODS,
+    PEFT_METHODS,
+    SeededTransform,
+    count_parameters,
+    default_learning_rate,
+    eval_transform,
+    load_base,
+    load_multicenter_dataset,
+    make_accelerator,
+    prepare_model,
+    save_finetuned,
+    set_train_mode,
+    split_validation,
+    train_segmentation,
+)
+from peft_medseg.training.cli import add_data_arguments, add_training_arguments, training_config_from_args
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
+    parser.add_argument(
+        "--base_model", required=True, help="Folder (or Hub id) of the base saved by pretrain_base.py."
+    )
+    parser.add_argument("--method", choices=METHODS, default="vpt-deep")
+    parser.add_argument(
+        "--new_center", default=None, help="The center to adapt to (default: the synthetic held-out center)."
+    )
+    parser.add_argument(
+        "--eval_centers", nargs="+", default=None, help="Test centers for evaluation.json (default: all)."
+    )
+    parser.add_argument("--num_train_cases", type=int, default=None, help="Few-shot: training cases (default: all).")
+    parser.add_argument("--num_virtual_tokens", type=int, default=10, help="Prompts per block (VPT).")
+    parser.add_argument("--prompt_dropout", type=float, default=0.1, help="Dropout on the prompts (VPT).")
+    parser.add_argument(
+        "--prompts_only",
+        action="store_true",
+        help="VPT/LoRA without the last classifier (by default it trains too: most of the adaptation is there).",
+    )
+    parser.add_argument("--lora_rank", type=int, default=8)
+    parser.add_argument(
+        "--output_dir", required=True, help="Where the adapter (or full model) and evaluation.json go."
+    )
+    add_data_arguments(parser)
+    add_training_arguments(parser, default_epochs=10, default_batch_size=8)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    accelerator = make_accelerator(
+        args.mixed_precision, args.gradient_accumulation_steps, args.report_to, args.output_dir
+    )
+    base, processor = load_base(args.base_model)
+    num_labels = base.config.num_labels
+    data, _ = load_multicenter_dataset(args.dataset, num_labels=num_labels)
+    new_center = args.new_center
+    if new_center is None:
+        from peft_medseg.data.synthetic import HELD_OUT_CENTER
+
+        new_center = HELD_OUT_CENTER
+    train_rows = data["train"].filter(lambda center: center == new_center, input_columns="center")
+    if len(train_rows) == 0:
+        raise SystemExit(
+            f"No training rows for center {new_center!r}; centers: {sorted(set(data['train']['center']))}."
+        )
+    train, validation = split_validation(train_rows, args.validation_fraction, args.num_train_cases, args.seed)
+    train.set_transform(eval_transform(processor) if args.no_augmentation else SeededTransform(processor, args.seed))
+    validation.set_transform(eval_transform(processor))
+
+    set_seed(args.seed)  # the initial prompts / head weights depend on it: same seed, same run
+    model = prepare_model(
+        base,
+        args.method,
+        num_virtual_tokens=args.num_virtual_tokens,
+        prompt_dropout=args.prompt_dropout,
+        train_classifier=not args.prompts_only,
+        lora_rank=args.lora_rank,
+    )
+    trainable, total = count_parameters(model)
+    accelerator.print(f"{args.method}: {trainable:,} trainable of {total:,} parameters; {len(train)} training images.")
+    learning_rate = args.learning_rate or default_learning_rate(args.method)
+    config = training_config_from_args(args, learning_rate)
+    if args.report_to:
+        hparams = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("finetune_center", hparams)
+    result = train_segmentation(model, train, validation, num_labels, config, accelerator)
+    accelerator.end_training()
+    if not accelerator.is_main_process:
+        return
+
+    model = set_train_mode(accelerator.unwrap_model(model), False)
+    test = data["test"]
+    if args.eval_centers:
+        test = test.filter(lambda center: center in set(args.eval_centers), input_columns="center")
+    test.set_transform(eval_transform(processor))
+    scores = evaluate_segmentation(model, test, num_labels, args.eval_batch_size)
+    evaluation = {
+        "center": new_center,
+        "method": args.method,
+        "base_model": str(args.base_model),
+        "dataset": str(args.dataset),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "metrics": json_scores(scores),
+        "train": {
+            "num_train_cases": len(set(train["case_id"])),
+            "epochs": args.num_epochs,
+            "learning_rate": learning_rate,
+            "seed": args.seed,
+            "num_virtual_tokens": args.num_virtual_tokens if args.method in PEFT_METHODS[:2] else None,
+            "best_epoch": result.best_epoch,
+            "train_seconds": round(result.train_seconds, 2),
+            "peak_memory_mb": result.peak_memory_mb,
+        },
+    }
+    save_finetuned(model, args.output_dir, processor, evaluation)
+    print(f"Saved {args.method} for {new_center} to {args.output_dir}: test Dice {scores[new_center]['dice']:.3f}.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""Training: methods, frozen norms, loss, two-step runs that save and load back, and exact mid-epoch resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from peft_medseg.models import build_image_processor, build_segmentation_model
+from peft_medseg.training import (
+    METHODS,
+    SeededTransform,
+    TrainingConfig,
+    eval_transform,
+    latest_checkpoint,
+    load_finetuned,
+    load_multicenter_dataset,
+    make_accelerator,
+    prepare_model,
+    save_finetuned,
+    segmentation_loss,
+    set_train_mode,
+    split_validation,
+    train_segmentation,
+)
+
+NUM_LABELS = 3
+IMAGE_SIZE = 32
+
+
+def make_folder_dataset(root, centers=("A", "B", "C"), images_per_center=10, size=IMAGE_SIZE, seed=0) -> Path:
+    """A tiny folder dataset: discs (label 1) and squares (label 2) on noise, an intensity profile per center."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    for c_index, center in enumerate(centers):
+        (root / center / "images").mkdir(parents=True)
+        (root / center / "masks").mkdir(parents=True)
+        for i in range(images_per_center):
+            labels = np.zeros((size, size), np.uint8)
+            cy, cx = rng.integers(8, size - 8, 2)
+            labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= int(rng.integers(3, 7)) ** 2] = 1
+            sy, sx = rng.integers(0, size - 8, 2)
+            labels[sy : sy + 6, sx : sx + 6] = 2
+            signal = np.array([30, 200, 120]) if c_index % 2 == 0 else np.array([200, 60, 120])
+            image = signal[labels] + rng.normal(0, 10 + 10 * c_index, (size, size))
+            Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(root / center / "images" / f"{i:03d}.png")
+            Image.fromarray(labels).save(root / center / "masks" / f"{i:03d}.png")
+    return root
+
+
+def tiny_base(seed: int = 0):
+    torch.manual_seed(seed)
+    return build_segmentation_model("tiny", NUM_LABELS, image_size=IMAGE_SIZE).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = make_folder_dataset(tmp_path_factory.mktemp("data") / "folder")
+    data, id2label = load_multicenter_dataset(str(root))
+    return data, id2label
+
+
+def center_split(data, center="A", augment=True, seed=0):
+    processor = build_image_processor(IMAGE_SIZE)
+    rows = data["train"].filter(lambda c: c == center, input_columns="center")
+    train, validation = split_validation(rows, 0.25)
+    train.set_transform(SeededTransform(processor, seed) if augment else eval_transform(processor))
+    validation.set_transform(eval_transform(processor))
+    return train, validation, processor
+
+
+def trainable_names(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_prepare_model_trains_exactly_the_method_parameters(method):
+    model = prepare_model(tiny_base(), method, num_virtual_tokens=3)
+    names = trainable_names(model)
+    assert names
+    if method.startswith("vpt"):
+        assert all("vpt_prompt" in n or "classifier.modules_to_save" in n for n in names)
+        assert any("vpt_prompt" in n for n in names) and any("classifier" in n for n in names)
+    elif method == "lora":
+        assert all("lora_" in n or "classifier.modules_to_save" in n for n in names)
+        assert {n.split(".attention.")[1].split(".")[0] for n in names if "lora_" in n} == {
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+        }
+    elif method == "decoder":
+        assert all(n.startswith("decode_head.") for n in names) and len(names) > 4
+    elif method == "classifier":
+        assert names == {"decode_head.classifier.weight", "decode_head.classifier.bias"}
+    else:
+        assert names == {n for n, _ in model.named_parameters()}
+
+
+def test_unknown_method_and_prompts_only():
+    with pytest.raises(ValueError, match="Unknown method"):
+        prepare_model(tiny_base(), "adapters")
+    names = trainable_names(prepare_model(tiny_base(), "vpt-deep", train_classifier=False))
+    assert names and all("vpt_prompt" in n for n in names)
+
+
+@pytest.mark.parametrize("method", ["lora", "classifier", "decoder"])
+def test_frozen_batchnorm_statistics_never_update(method):
+    model = prepare_model(tiny_base(), method)
+    head = model.get_base_model().decode_head if hasattr(model, "get_base_model") else model.decode_head
+    before = head.bottleneck.batch_norm.running_mean.clone()
+    set_train_mode(model)
+    model(pixel_values=torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE))
+    changed = not torch.equal(before, head.bottleneck.batch_norm.running_mean)
+    # The decode head trains under `decoder`, so its statistics should follow the new center; otherwise frozen.
+    assert changed == (method == "decoder")
+
+
+def test_loss_is_the_mean_of_the_losses_of_the_batch_halves_and_small_when_right():
+    torch.manual_seed(0)
+    logits = torch.randn(4, NUM_LABELS, 8, 8)
+    labels = torch.randint(0, NUM_LABELS, (4, 8, 8))
+    whole = segmentation_loss(logits, labels)
+    halves = (segmentation_loss(logits[:2], labels[:2]) + segmentation_loss(logits[2:], labels[2:])) / 2
+    torch.testing.assert_close(whole, halves)
+    perfect = torch.nn.functional.one_hot(labels, NUM_LABELS).permute(0, 3, 1, 2).float() * 50
+    assert segmentation_loss(perfect, labels) < 0.01 < whole
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_two_step_run_saves_and_loads_back(tiny_data, tmp_path, method):
+    data, _ = tiny_data
+    train, validation, processor = center_split(data)
+    base_dir = tmp_path / "base"
+    tiny_base().save_pretrained(base_dir)
+    processor.save_pretrained(base_dir)
+    model = prepare_model(tiny_base(), method, num_virtual_tokens=3)
+    config = TrainingConfig(learning_rate=1e-2, num_epochs=1, batch_size=4, max_train_steps=2)
+    accelerator = make_accelerator()
+    result = train_segmentation(model, train, validation, NUM_LABELS, config, accelerator)
+    assert result.completed_steps == 2
+    model = set_train_mode(accelerator.unwrap_model(model), False)
+    save_finetuned(model, tmp_path / "out", processor, {"center": "A"})
+
+    out = tmp_path / "out"
+    assert (out / "evaluation.json").is_file()
+    is_adapter = method in ("vpt-deep", "vpt-shallow", "lora")
+    assert (out / "adapter_config.json").is_file() == is_adapter
+    assert not list(tmp_path.glob(".out.tmp-*")), "the staging folder must be renamed away"
+    loaded = load_finetuned(out, base_dir)
+    if is_adapter:
+        from peft import PeftModel
+
+        assert isinstance(loaded, PeftModel)
+    pixels = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values=pixels).logits, model(pixel_values=pixels).logits)
+        # Training moved the model away from the base: what was saved is not just the base again.
+        assert not torch.allclose(model(pixel_values=pixels).logits, tiny_base()(pixel_values=pixels).logits)
+
+
+def _run(data, checkpoint_dir, max_train_steps=None, resume=None, accumulation=1):
+    train, validation, _ = center_split(data)
+    model = prepare_model(tiny_base(), "vpt-deep", num_virtual_tokens=3)  # prompt dropout 0.1 stays on
+    config = TrainingConfig(
+        learning_rate=3e-2,
+        num_epochs=2,
+        batch_size=2,
+        gradient_accumulation_steps=accumulation,
+        checkpoint_dir=str(checkpoint_dir),
+        checkpointing_steps=1,
+        max_train_steps=max_train_steps,
+        resume_from_checkpoint=resume,
+    )
+    accelerator = make_accelerator(gradient_accumulation_steps=accumulation)
+    result = train_segmentation(model, train, validation, NUM_LABELS, config, accelerator)
+    state = {n: p.detach().clone() for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+    return result, state
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_resume_mid_epoch_equals_an_uninterrupted_run(tiny_data, tmp_path, accumulation):
+    data, _ = tiny_data
+    full, expected = _run(data, tmp_path / "a", accumulation=accumulation)
+    steps_per_epoch = full.completed_steps // 2
+    assert steps_per_epoch >= 2
+    stop = steps_per_epoch + 1  # in the middle of the second epoch, after a validation and a best-epoch choice
+    interrupted, _ = _run(data, tmp_path / "b", max_train_steps=stop, accumulation=accumulation)
+    assert interrupted.stopped_early and latest_checkpoint(tmp_path / "b").name == f"step-{stop:06d}"
+    resumed, state = _run(data, tmp_path / "b", resume="latest", accumulation=accumulation)
+    assert resumed.completed_steps == full.completed_steps
+    assert [h["step"] for h in resumed.history] == [h["step"] for h in full.history]
+    assert resumed.best_epoch == full.best_epoch
+    for name, value in expected.items():
+        torch.testing.assert_close(state[name], value, rtol=0, atol=0)
