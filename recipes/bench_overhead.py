@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
 import peft_medseg
 from peft_medseg.models import build_segmentation_model
+from peft_medseg.profiling import peak_memory_mb
 
 
 def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
@@ -141,7 +141,7 @@ def bench_segformer(args, size: str = "b0") -> dict:
 
 
 def train_step_in_this_process(method: str, args) -> dict:
-    """Peak resident memory and time of training steps, measured in a fresh process (ru_maxrss only grows)."""
+    """Peak memory growth and time of a training step, in a fresh process so methods do not share an allocator."""
     model = build(args.config, args.image_size)
     if method == "vpt":
         model = get_peft_model(model, peft_medseg.VisualPromptConfig(num_virtual_tokens=args.num_virtual_tokens))
@@ -158,14 +158,11 @@ def train_step_in_this_process(method: str, args) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    seconds = median_seconds(step, repeats=args.train_repeats, warmup=1)
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {
-        "step_s": seconds,
-        "peak_mb_above_model": (peak_kb - baseline_kb) / 1024,
-        "trainable": sum(p.numel() for p in params),
-    }
+    step()  # warm-up: first-call allocations are not the method's
+    peak = peak_memory_mb(step)
+    seconds = median_seconds(step, repeats=args.train_repeats, warmup=0)
+    trainable = sum(p.numel() for p in params)
+    return {"step_s": seconds, "peak_mb_above_model": peak, "trainable": trainable}
 
 
 def bench_training(args) -> dict:

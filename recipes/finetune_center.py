@@ -22,24 +22,17 @@ from __future__ import annotations
 
 import argparse
 
-from accelerate.utils import set_seed
-
 from peft_medseg.evaluation import evaluate_segmentation, json_scores
 from peft_medseg.training import (
     METHODS,
     PEFT_METHODS,
-    SeededTransform,
-    count_parameters,
     default_learning_rate,
     eval_transform,
+    finetune_center,
     load_base,
     load_multicenter_dataset,
     make_accelerator,
-    prepare_model,
     save_finetuned,
-    set_train_mode,
-    split_validation,
-    train_segmentation,
 )
 from peft_medseg.training.cli import add_data_arguments, add_training_arguments, training_config_from_args
 
@@ -88,37 +81,36 @@ def main(argv: list[str] | None = None) -> None:
         from peft_medseg.data.synthetic import HELD_OUT_CENTER
 
         new_center = HELD_OUT_CENTER
-    train_rows = data["train"].filter(lambda center: center == new_center, input_columns="center")
-    if len(train_rows) == 0:
-        raise SystemExit(
-            f"No training rows for center {new_center!r}; centers: {sorted(set(data['train']['center']))}."
-        )
-    train, validation = split_validation(train_rows, args.validation_fraction, args.num_train_cases, args.seed)
-    train.set_transform(eval_transform(processor) if args.no_augmentation else SeededTransform(processor, args.seed))
-    validation.set_transform(eval_transform(processor))
-
-    set_seed(args.seed)  # the initial prompts / head weights depend on it: same seed, same run
-    model = prepare_model(
-        base,
-        args.method,
-        num_virtual_tokens=args.num_virtual_tokens,
-        prompt_dropout=args.prompt_dropout,
-        train_classifier=not args.prompts_only,
-        lora_rank=args.lora_rank,
-    )
-    trainable, total = count_parameters(model)
-    accelerator.print(f"{args.method}: {trainable:,} trainable of {total:,} parameters; {len(train)} training images.")
     learning_rate = args.learning_rate or default_learning_rate(args.method)
     config = training_config_from_args(args, learning_rate)
     if args.report_to:
         hparams = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("finetune_center", hparams)
-    result = train_segmentation(model, train, validation, num_labels, config, accelerator)
+    try:
+        outcome = finetune_center(
+            base,
+            processor,
+            data,
+            new_center,
+            args.method,
+            config,
+            accelerator,
+            num_train_cases=args.num_train_cases,
+            num_virtual_tokens=args.num_virtual_tokens,
+            prompt_dropout=args.prompt_dropout,
+            train_classifier=not args.prompts_only,
+            lora_rank=args.lora_rank,
+            validation_fraction=args.validation_fraction,
+            augment=not args.no_augmentation,
+        )
+    except ValueError as error:
+        raise SystemExit(str(error)) from error
     accelerator.end_training()
     if not accelerator.is_main_process:
         return
 
-    model = set_train_mode(accelerator.unwrap_model(model), False)
+    model, result = outcome.model, outcome.result
+    trainable, total = outcome.trainable_parameters, outcome.total_parameters
     test = data["test"]
     if args.eval_centers:
         test = test.filter(lambda center: center in set(args.eval_centers), input_columns="center")
@@ -133,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         "total_parameters": total,
         "metrics": json_scores(scores),
         "train": {
-            "num_train_cases": len(set(train["case_id"])),
+            "num_train_cases": outcome.num_train_cases,
             "epochs": args.num_epochs,
             "learning_rate": learning_rate,
             "seed": args.seed,

@@ -15,18 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from accelerate.utils import set_seed
-
-from peft_medseg.models import build_image_processor, build_segmentation_model
+from peft_medseg.models import build_image_processor
 from peft_medseg.training import (
-    SeededTransform,
     atomic_directory,
-    eval_transform,
     load_multicenter_dataset,
     make_accelerator,
-    set_train_mode,
-    split_validation,
-    train_segmentation,
+    pretrain_base,
 )
 from peft_medseg.training.cli import add_data_arguments, add_training_arguments, training_config_from_args
 
@@ -55,24 +49,33 @@ def main(argv: list[str] | None = None) -> None:
     data, id2label = load_multicenter_dataset(args.dataset, args.centers, args.num_labels)
     num_labels = len(id2label)
     processor = build_image_processor(args.image_size)
-    set_seed(args.seed)  # the initial prompts / head weights depend on it: same seed, same run
-    model = build_segmentation_model(args.base, num_labels, image_size=args.image_size, id2label=id2label)
-    train, validation = split_validation(data["train"], args.validation_fraction)
-    train.set_transform(eval_transform(processor) if args.no_augmentation else SeededTransform(processor, args.seed))
-    validation.set_transform(eval_transform(processor))
     config = training_config_from_args(args, args.learning_rate or DEFAULT_LEARNING_RATE)
     if args.report_to:
         accelerator.init_trackers(
             "pretrain_base", {k: v for k, v in vars(args).items() if v is None or isinstance(v, (int, float, str))}
         )
-    result = train_segmentation(model, train, validation, num_labels, config, accelerator)
+    model, result = pretrain_base(
+        data,
+        args.base,
+        num_labels,
+        processor,
+        config,
+        accelerator,
+        image_size=args.image_size,
+        id2label=id2label,
+        validation_fraction=args.validation_fraction,
+        augment=not args.no_augmentation,
+    )
     accelerator.end_training()
     if accelerator.is_main_process:
-        model = set_train_mode(accelerator.unwrap_model(model), False)
         with atomic_directory(args.output_dir) as staging:
             model.save_pretrained(staging)
             processor.save_pretrained(staging)
-            log = {"centers": sorted(set(train["center"])), "best_epoch": result.best_epoch, "history": result.history}
+            log = {
+                "centers": sorted(set(data["train"]["center"])),
+                "best_epoch": result.best_epoch,
+                "history": result.history,
+            }
             (staging / "train_log.json").write_text(json.dumps(log, indent=2))
         print(
             f"Saved the base to {args.output_dir} (best epoch {result.best_epoch}, Dice {result.best_validation_dice:.3f})."

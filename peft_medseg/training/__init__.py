@@ -8,6 +8,7 @@ from .data import (
     restrict_centers,
     split_validation,
 )
+from .finetune import FinetuneOutcome, finetune_center, pretrain_base
 from .loop import (
     TrainingConfig,
     TrainingResult,
@@ -32,6 +33,7 @@ from .saving import atomic_directory, is_adapter_folder, load_base, load_finetun
 
 __all__ = [
     "CLASSIFIER_MODULE",
+    "FinetuneOutcome",
     "DEFAULT_LEARNING_RATES",
     "LORA_TARGET_MODULES",
     "METHODS",
@@ -44,6 +46,7 @@ __all__ = [
     "count_parameters",
     "default_learning_rate",
     "eval_transform",
+    "finetune_center",
     "is_adapter_folder",
     "latest_checkpoint",
     "load_base",
@@ -51,6 +54,7 @@ __all__ = [
     "load_multicenter_dataset",
     "make_accelerator",
     "prepare_model",
+    "pretrain_base",
     "restrict_centers",
     "save_finetuned",
     "segmentation_loss",

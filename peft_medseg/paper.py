@@ -1,0 +1,237 @@
+"""The protocol of Saeed et al. 2023, leave-one-center-out, on our data.
+
+For each held-out ("new") center: pretrain a base on the other centers (once, cached), then adapt it to the new
+center with every method on the same split, seeds and epoch budget, and score every model on every center's test
+split. `recipes/reproduce_paper.py` is the command line; this module holds the logic so it can be tested.
+
+Methods: `direct` (the base as is), `classifier` (partial: the last 1x1 conv), `decoder` (partial: the whole decode
+head), `full`, `vpt-shallow`, `vpt-deep`, `lora` (see `peft_medseg.training.methods`). Per run we record the
+new-center Dice/HD95; the old-center Dice under the paper's protocol (the new-center model applied to old centers)
+and, for adapters, routed (each old center through the base via `"__base__"` rows of a mixed batch); trainable
+parameters; the size of the trained weights on disk; seconds per epoch; and the peak memory of one training step
+(measured in a fresh process per method, since a process's peak resident memory only grows).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .evaluation import evaluate_segmentation
+from .models import build_image_processor
+from .profiling import peak_memory_mb
+from .training import (
+    PEFT_METHODS,
+    TrainingConfig,
+    default_learning_rate,
+    eval_transform,
+    finetune_center,
+    load_base,
+    load_multicenter_dataset,
+    make_accelerator,
+    prepare_model,
+    pretrain_base,
+    restrict_centers,
+    segmentation_loss,
+    set_train_mode,
+)
+from .training.saving import atomic_directory
+
+PAPER_METHODS = ("direct", "classifier", "decoder", "full", "vpt-shallow", "vpt-deep", "lora")
+
+
+@dataclass
+class ProtocolConfig:
+    """One reproduction: data, held-out centers, methods, seeds, and the budget shared by every method."""
+
+    dataset: str = "synthetic"
+    held_out: list[str] = field(default_factory=list)
+    centers: list[str] | None = None  # all centers of the dataset when None
+    methods: Sequence[str] = PAPER_METHODS
+    seeds: Sequence[int] = (0, 1, 2)
+    few_shot_cases: Sequence[int | None] = (1, 5, 10, None)  # None: all training cases
+    few_shot_methods: Sequence[str] = ("vpt-deep", "full")
+    base: str = "tiny"
+    image_size: int = 64
+    pretrain_epochs: int = 40
+    pretrain_learning_rate: float = 2e-3
+    finetune_epochs: int = 20
+    batch_size: int = 8
+    num_virtual_tokens: int = 10
+    learning_rates: dict[str, float] = field(default_factory=dict)  # per-method overrides of the defaults
+    measure_memory: bool = True
+
+
+def _mean_old(scores: dict[str, dict[str, float]], new_center: str) -> float:
+    values = [s["dice"] for c, s in scores.items() if c != new_center]
+    return statistics.fmean(values) if values else math.nan
+
+
+def trained_weights_bytes(model: torch.nn.Module) -> int:
+    """Size on disk of the trained tensors alone (what a center must store or share), as a safetensors file."""
+    tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "trained.safetensors"
+        save_file(tensors, path)
+        return path.stat().st_size
+
+
+def pretrained_base(cfg: ProtocolConfig, data, num_labels: int, id2label, held_out: str, folder: Path):
+    """The base for one split, pretrained on every center but `held_out`; cached in `folder` with its settings."""
+    settings = {k: getattr(cfg, k) for k in ("dataset", "base", "image_size", "pretrain_epochs", "batch_size")}
+    settings |= {"held_out": held_out, "learning_rate": cfg.pretrain_learning_rate}
+    settings_file = folder / "pretrain_settings.json"
+    if settings_file.is_file() and json.loads(settings_file.read_text()) == settings:
+        return load_base(folder)
+    sources = [c for c in sorted(set(data["train"]["center"])) if c != held_out]
+    processor = build_image_processor(cfg.image_size)
+    config = TrainingConfig(
+        learning_rate=cfg.pretrain_learning_rate, num_epochs=cfg.pretrain_epochs, batch_size=16, seed=0
+    )
+    model, result = pretrain_base(
+        restrict_centers(data, sources),
+        cfg.base,
+        num_labels,
+        processor,
+        config,
+        make_accelerator(),
+        image_size=cfg.image_size,
+        id2label=id2label,
+    )
+    with atomic_directory(folder) as staging:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        (staging / "pretrain_settings.json").write_text(json.dumps(settings, indent=2))
+        log = {"sources": sources, "best_epoch": result.best_epoch, "validation_dice": result.best_validation_dice}
+        (staging / "train_log.json").write_text(json.dumps(log, indent=2))
+    return load_base(folder)
+
+
+def run_one(cfg, base_dir: Path, data, test, new_center: str, method: str, seed: int, num_train_cases) -> dict:
+    """Adapt the cached base with one method and seed; score it on every center."""
+    base, processor = load_base(base_dir)
+    num_labels = base.config.num_labels
+    row = {"held_out": new_center, "method": method, "seed": seed, "num_train_cases": num_train_cases}
+    if method == "direct":
+        scores = evaluate_segmentation(base, test, num_labels)
+        total = sum(p.numel() for p in base.parameters())
+        row |= {"trainable": 0, "total": total, "weights_bytes": 0, "seconds_per_epoch": 0.0}
+        row |= {"train_cases_used": 0, "best_epoch": -1}
+    else:
+        lr = cfg.learning_rates.get(method, default_learning_rate(method))
+        config = TrainingConfig(learning_rate=lr, num_epochs=cfg.finetune_epochs, batch_size=cfg.batch_size, seed=seed)
+        outcome = finetune_center(
+            base,
+            processor,
+            data,
+            new_center,
+            method,
+            config,
+            make_accelerator(),
+            num_train_cases=num_train_cases,
+            num_virtual_tokens=cfg.num_virtual_tokens,
+        )
+        model = outcome.model
+        scores = evaluate_segmentation(model, test, num_labels)
+        if method in PEFT_METHODS:
+            routed = evaluate_segmentation(
+                model, test, num_labels, adapter_for_center=lambda c: "default" if c == new_center else "__base__"
+            )
+            row["old_dice_routed"] = _mean_old(routed, new_center)
+        epochs_run = max(1, len(outcome.result.history))
+        row |= {
+            "trainable": outcome.trainable_parameters,
+            "total": outcome.total_parameters,
+            "weights_bytes": trained_weights_bytes(model),
+            "seconds_per_epoch": outcome.result.train_seconds / epochs_run,
+            "train_cases_used": outcome.num_train_cases,
+            "best_epoch": outcome.result.best_epoch,
+            "learning_rate": lr,
+        }
+    row |= {
+        "new_dice": scores[new_center]["dice"],
+        "new_hd95": scores[new_center]["hd95"],
+        "old_dice_paper": _mean_old(scores, new_center),
+        "per_center_dice": {c: s["dice"] for c, s in scores.items()},
+    }
+    if method == "direct":
+        row["old_dice_routed"] = row["old_dice_paper"]
+    return row
+
+
+def measure_training_memory(base_dir: str | Path, method: str, batch_size: int, num_virtual_tokens: int = 10) -> float:
+    """Peak memory growth (MB) of two training steps of `method` on the loaded base, in a fresh process."""
+    code = (
+        "import sys, peft_medseg.paper as p; "
+        f"print(p._memory_probe({str(base_dir)!r}, {method!r}, {batch_size}, {num_virtual_tokens}))"
+    )
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return float(output.strip().splitlines()[-1])
+
+
+def _memory_probe(base_dir: str, method: str, batch_size: int, num_virtual_tokens: int) -> float:
+    base, processor = load_base(base_dir)
+    size = processor.size["height"]
+    model = set_train_mode(prepare_model(base, method, num_virtual_tokens=num_virtual_tokens))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    x = torch.randn(batch_size, 3, size, size)
+    labels = torch.randint(0, base.config.num_labels, (batch_size, size, size))
+
+    def two_steps() -> None:
+        for _ in range(2):
+            segmentation_loss(model(pixel_values=x).logits, labels).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    return peak_memory_mb(two_steps)
+
+
+def run_protocol(cfg: ProtocolConfig, output_dir: str | Path, progress=print) -> list[dict]:
+    """Every run of the protocol; rows are appended to `output_dir/runs.jsonl` as they finish (a resumable log)."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    data, id2label = load_multicenter_dataset(cfg.dataset, cfg.centers)
+    num_labels = len(id2label)
+    log = output_dir / "runs.jsonl"
+    done = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    key = lambda r: (r["held_out"], r["method"], r["seed"], r["num_train_cases"])  # noqa: E731
+    finished = {key(r) for r in done}
+    rows = list(done)
+    for held_out in cfg.held_out:
+        base_dir = output_dir / f"base-without-{held_out}"
+        progress(f"[{held_out}] base pretrained on the other centers -> {base_dir}")
+        _, processor = pretrained_base(cfg, data, num_labels, id2label, held_out, base_dir)
+        test = data["test"]
+        test.set_transform(eval_transform(processor))
+        plan = [(m, s, None) for m in cfg.methods for s in (cfg.seeds if m != "direct" else (0,))]
+        plan += [(m, s, n) for m in cfg.few_shot_methods for s in cfg.seeds for n in cfg.few_shot_cases if n]
+        for method, seed, cases in plan:
+            if (held_out, method, seed, cases) in finished:
+                continue
+            progress(f"[{held_out}] {method} seed={seed} cases={cases or 'all'}")
+            row = run_one(cfg, base_dir, data, test, held_out, method, seed, cases)
+            rows.append(row)
+            with log.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+        if cfg.measure_memory:
+            memory_file = output_dir / f"memory-{held_out}.json"
+            if not memory_file.is_file():
+                memory = {
+                    m: measure_training_memory(base_dir, m, cfg.batch_size, cfg.num_virtual_tokens)
+                    for m in cfg.methods
+                    if m != "direct"
+                }
+                memory_file.write_text(json.dumps(memory, indent=2))
+    (output_dir / "protocol.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+    return rows

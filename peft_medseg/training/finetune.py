@@ -1,0 +1,102 @@
+"""The two jobs of the recipes as library functions: pretrain a base on old centers, adapt it to a new center."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from datasets import DatasetDict
+from torch import nn
+
+from ..models import build_segmentation_model
+from .data import SeededTransform, eval_transform, split_validation
+from .loop import TrainingConfig, TrainingResult, train_segmentation
+from .methods import count_parameters, prepare_model, set_train_mode
+
+
+@dataclass
+class FinetuneOutcome:
+    """A fine-tuned model (in eval mode) with what the run did and what it trained on."""
+
+    model: nn.Module
+    result: TrainingResult
+    trainable_parameters: int
+    total_parameters: int
+    num_train_cases: int
+    num_train_images: int
+
+
+def pretrain_base(
+    data: DatasetDict,
+    base: str,
+    num_labels: int,
+    image_processor,
+    config: TrainingConfig,
+    accelerator: Accelerator,
+    image_size: int = 64,
+    id2label: dict[int, str] | None = None,
+    validation_fraction: float = 0.2,
+    augment: bool = True,
+) -> tuple[nn.Module, TrainingResult]:
+    """Train a base segmentation model (a named config or a Hub backbone, see `build_segmentation_model`) on every
+    center of `data["train"]`; returns it in eval mode with the weights of its best validation epoch."""
+    set_seed(config.seed)  # the initial weights depend on it: same seed, same base
+    model = build_segmentation_model(base, num_labels, image_size=image_size, id2label=id2label)
+    train, validation = split_validation(data["train"], validation_fraction)
+    train.set_transform(SeededTransform(image_processor, config.seed) if augment else eval_transform(image_processor))
+    validation.set_transform(eval_transform(image_processor))
+    result = train_segmentation(model, train, validation, num_labels, config, accelerator)
+    return set_train_mode(accelerator.unwrap_model(model), False), result
+
+
+def finetune_center(
+    base: nn.Module,
+    image_processor,
+    data: DatasetDict,
+    new_center: str,
+    method: str,
+    config: TrainingConfig,
+    accelerator: Accelerator,
+    num_train_cases: int | None = None,
+    num_virtual_tokens: int = 10,
+    prompt_dropout: float = 0.1,
+    train_classifier: bool = True,
+    lora_rank: int = 8,
+    validation_fraction: float = 0.2,
+    augment: bool = True,
+) -> FinetuneOutcome:
+    """Adapt `base` to `new_center` with `method` (see `prepare_model`) on that center's training split.
+
+    A fixed share of the center's training cases (by case hash) validates each epoch for best-epoch selection; the
+    test split is left for evaluation. `num_train_cases` keeps a deterministic few-shot subset of the rest.
+    """
+    train_rows = data["train"].filter(lambda center: center == new_center, input_columns="center")
+    if len(train_rows) == 0:
+        raise ValueError(
+            f"No training rows for center {new_center!r}; centers: {sorted(set(data['train']['center']))}."
+        )
+    train, validation = split_validation(train_rows, validation_fraction, num_train_cases, config.seed)
+    train.set_transform(SeededTransform(image_processor, config.seed) if augment else eval_transform(image_processor))
+    validation.set_transform(eval_transform(image_processor))
+    set_seed(config.seed)  # the initial prompts / head weights depend on it: same seed, same run
+    model = prepare_model(
+        base,
+        method,
+        num_virtual_tokens=num_virtual_tokens,
+        prompt_dropout=prompt_dropout,
+        train_classifier=train_classifier,
+        lora_rank=lora_rank,
+    )
+    trainable, total = count_parameters(model)
+    num_labels = base.config.num_labels
+    result = train_segmentation(model, train, validation, num_labels, config, accelerator)
+    model = set_train_mode(accelerator.unwrap_model(model), False)
+    return FinetuneOutcome(
+        model=model,
+        result=result,
+        trainable_parameters=trainable,
+        total_parameters=total,
+        num_train_cases=len(set(train["case_id"])),
+        num_train_images=len(train),
+    )

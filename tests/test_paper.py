@@ -1,0 +1,78 @@
+"""The paper's protocol on a tiny folder dataset: every run scored, routed adapters forget nothing, outputs written."""
+
+import json
+import math
+
+import pytest
+from test_training import make_folder_dataset
+
+from peft_medseg.paper import ProtocolConfig, run_protocol
+from peft_medseg.paper_report import summarize
+
+
+@pytest.fixture(scope="module")
+def protocol_run(tmp_path_factory):
+    root = make_folder_dataset(tmp_path_factory.mktemp("data") / "folder", images_per_center=12)
+    cfg = ProtocolConfig(
+        dataset=str(root),
+        held_out=["C"],
+        methods=("direct", "classifier", "vpt-deep"),
+        seeds=(0, 1),
+        few_shot_cases=(2, None),
+        few_shot_methods=("vpt-deep",),
+        image_size=32,
+        pretrain_epochs=2,
+        finetune_epochs=1,
+        measure_memory=True,
+    )
+    output = tmp_path_factory.mktemp("paper")
+    rows = run_protocol(cfg, output, progress=lambda message: None)
+    return cfg, output, rows
+
+
+def test_every_planned_run_is_scored(protocol_run):
+    cfg, _, rows = protocol_run
+    plan = {(r["method"], r["seed"], r["num_train_cases"]) for r in rows}
+    assert plan == {
+        ("direct", 0, None),
+        ("classifier", 0, None),
+        ("classifier", 1, None),
+        ("vpt-deep", 0, None),
+        ("vpt-deep", 1, None),
+        ("vpt-deep", 0, 2),
+        ("vpt-deep", 1, 2),
+    }
+    for row in rows:
+        assert 0 <= row["new_dice"] <= 1 and 0 <= row["old_dice_paper"] <= 1
+        assert set(row["per_center_dice"]) == {"A", "B", "C"}
+        assert row["old_dice_paper"] == pytest.approx((row["per_center_dice"]["A"] + row["per_center_dice"]["B"]) / 2)
+    few = [r for r in rows if r["num_train_cases"] == 2]
+    assert all(r["train_cases_used"] == 2 for r in few)
+    vpt = [r for r in rows if r["method"] == "vpt-deep" and r["num_train_cases"] is None]
+    assert all(r["train_cases_used"] > 2 for r in vpt)
+    assert all(0 < r["trainable"] / r["total"] < 0.01 for r in vpt)
+
+
+def test_routed_adapters_keep_old_centers_exactly_at_the_base(protocol_run):
+    _, _, rows = protocol_run
+    direct = next(r for r in rows if r["method"] == "direct")
+    for row in rows:
+        if row["method"] == "vpt-deep":
+            assert row["old_dice_routed"] == pytest.approx(direct["old_dice_paper"], abs=1e-6)
+    assert all(math.isnan(r.get("old_dice_routed", math.nan)) for r in rows if r["method"] == "classifier")
+
+
+def test_outputs_are_written_and_a_rerun_resumes(protocol_run, tmp_path):
+    cfg, output, rows = protocol_run
+    text = summarize(rows, output)
+    assert "| vpt-deep |" in text and "Few-shot" in text
+    for name in ("summary.md", "summary.csv", "runs.csv", "runs.jsonl", "figure-C.png", "memory-C.json"):
+        assert (output / name).is_file(), name
+    assert (output / "figure-C.png").read_bytes()[:4] == b"\x89PNG"
+    memory = json.loads((output / "memory-C.json").read_text())
+    assert set(memory) == {"classifier", "vpt-deep"} and all(v >= 0 for v in memory.values())
+    # A second run finds every row in runs.jsonl and the cached base: nothing is trained again.
+    messages = []
+    again = run_protocol(cfg, output, progress=messages.append)
+    assert len(again) == len(rows)
+    assert not any("seed=" in m for m in messages)
