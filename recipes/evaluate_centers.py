@@ -79,11 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     base, _ = load_base(args.base_model)
     panels = {"reference": [r["labels"].numpy() for r in rows], "base": list(predict(base, pixels).numpy())}
     if prompted is not None:
-        routed = next(r for r in matrix.rows if r.name == "routed")
-        route = dict(
-            zip(routed.adapted, [n for n in routed.method.split("; ")[0].removeprefix("routed: ").split(", ")])
-        )
-        names = [route[r["center"]].split("→")[1] if r["center"] in route else BASE_ADAPTER for r in rows]
+        names = [matrix.routes.get(r["center"], BASE_ADAPTER) for r in rows]
         panels["routed"] = list(predict(prompted, pixels, names).numpy())
     images = [r["pixel_values"][0].numpy() for r in rows]
     plot_overlays(images, panels, [r["center"] for r in rows], output_dir / "overlays.png", num_labels)

@@ -40,9 +40,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--finetune_epochs", type=int, default=20)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--num_virtual_tokens", type=int, default=10)
+    parser.add_argument(
+        "--learning_rate",
+        nargs="+",
+        default=[],
+        metavar="METHOD=LR",
+        help="Per-method learning rates, e.g. full=1e-3 vpt-deep=3e-2 (default: DEFAULT_LEARNING_RATES). Choose them "
+        "on validation Dice, never on the test split.",
+    )
     parser.add_argument("--quick", action="store_true", help="One seed, short budgets, no few-shot curve: for CI.")
     parser.add_argument("--output_dir", default="outputs/paper")
     return parser.parse_args(argv)
+
+
+def parse_learning_rates(pairs: list[str]) -> dict[str, float]:
+    rates = {}
+    for pair in pairs:
+        method, _, value = pair.partition("=")
+        if method not in PAPER_METHODS or not value:
+            raise SystemExit(f"--learning_rate {pair!r}: expected METHOD=LR with METHOD in {list(PAPER_METHODS)}.")
+        try:
+            rates[method] = float(value)
+        except ValueError:
+            raise SystemExit(f"--learning_rate {pair!r}: {value!r} is not a number.") from None
+    return rates
 
 
 def main(argv=None) -> None:
@@ -65,6 +86,7 @@ def main(argv=None) -> None:
         finetune_epochs=args.finetune_epochs,
         batch_size=args.batch_size,
         num_virtual_tokens=args.num_virtual_tokens,
+        learning_rates=parse_learning_rates(args.learning_rate),
     )
     if args.quick:
         cfg.seeds, cfg.few_shot_cases, cfg.pretrain_epochs, cfg.finetune_epochs = (0,), (None,), 15, 8
