@@ -57,17 +57,21 @@ def build(config_name: str, image_size: int):
     return build_segmentation_model(config_name, num_labels=4, image_size=image_size).eval()
 
 
-def bench_inference(args) -> dict:
-    base = build(args.config, args.image_size)
-    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
+def four_centers(base, args, **config):
+    """A copy of `base` with four centers' adapters (the first active), and a batch's worth of mixed center names."""
     centers = [f"center-{i}" for i in range(4)]
-    config = dict(num_virtual_tokens=args.num_virtual_tokens, deep=True)
+    config = dict(num_virtual_tokens=args.num_virtual_tokens, **config)
     model = get_peft_model(copy.deepcopy(base), peft_medseg.VisualPromptConfig(**config), adapter_name=centers[0])
     for name in centers[1:]:
         model.add_adapter(name, peft_medseg.VisualPromptConfig(**config))
     model.set_adapter(centers[0])
-    model.eval()
-    mixed_names = [centers[i % 4] for i in range(args.batch_size)]
+    return model.eval(), centers, [centers[i % 4] for i in range(args.batch_size)]
+
+
+def bench_inference(args) -> dict:
+    base = build(args.config, args.image_size)
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
+    model, centers, mixed_names = four_centers(base, args, deep=True)
 
     def per_sample_loop():
         for i, name in enumerate(mixed_names):
@@ -111,14 +115,7 @@ def bench_segformer(args, size: str = "b0") -> dict:
     torch.manual_seed(0)
     base = SegformerForSemanticSegmentation(SegformerConfig(num_labels=4, **MIT_SIZES[size])).eval()
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
-    centers = [f"center-{i}" for i in range(4)]
-    config = dict(num_virtual_tokens=args.num_virtual_tokens, prompt_mode="key_value")
-    model = get_peft_model(copy.deepcopy(base), peft_medseg.VisualPromptConfig(**config), adapter_name=centers[0])
-    for name in centers[1:]:
-        model.add_adapter(name, peft_medseg.VisualPromptConfig(**config))
-    model.set_adapter(centers[0])
-    model.eval()
-    mixed_names = [centers[i % 4] for i in range(args.batch_size)]
+    model, centers, mixed_names = four_centers(base, args, prompt_mode="key_value")
     with torch.inference_mode():
         t = interleaved_medians(
             {
