@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo bench paper-quick clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -36,6 +36,14 @@ demo: $(VENV)/.installed
 		--num_train_cases 8 --num_epochs 30 --eval_centers $(DEMO_CENTERS) $(DEMO_NEW) --output_dir $(DEMO)/vpt-deep-$(DEMO_NEW)
 	$(PY) recipes/evaluate_centers.py --base_model $(DEMO)/base --models $(DEMO)/vpt-deep-$(DEMO_NEW) \
 		--centers $(DEMO_CENTERS) $(DEMO_NEW) --output_dir $(DEMO)/eval
+
+# Overhead ratios (VPT vs base, mixed batches, training memory), ViT-S sized, 224 px; see README "Speed and memory".
+bench: $(VENV)/.installed
+	$(PY) recipes/bench_overhead.py
+
+# The paper's protocol on the embedded data, CI-sized (one seed, short budgets).
+paper-quick: $(VENV)/.installed
+	$(PY) recipes/reproduce_paper.py --quick --output_dir outputs/paper-quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
