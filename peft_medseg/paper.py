@@ -46,8 +46,9 @@ from .training import (
     set_train_mode,
 )
 from .training.saving import atomic_directory
+from .visual_prompt import BASE_ADAPTER_NAME
 
-PAPER_METHODS = ("direct", "classifier", "decoder", "full", "vpt-shallow", "vpt-deep", "lora")
+PAPER_METHODS = ("direct", "classifier", "decoder", "full", "vpt-shallow", "vpt-deep", "vpt-deep-norms", "lora")
 
 
 @dataclass
@@ -117,6 +118,20 @@ def pretrained_base(cfg: ProtocolConfig, data, num_labels: int, id2label, held_o
     return load_base(folder)
 
 
+def _routed_scores(model, test, num_labels: int, new_center: str, method: str) -> dict[str, dict[str, float]]:
+    """Each center through its own route: the new center through the adapter, the old ones through the base."""
+    if method != "vpt-deep-norms":
+        # One mixed-center batch per step: "__base__" rows take the base path inside the same forward.
+        route = lambda center: "default" if center == new_center else BASE_ADAPTER_NAME  # noqa: E731
+        return evaluate_segmentation(model, test, num_labels, adapter_for_center=route)
+    # BatchNorm copies cannot be routed per sample by peft: one pass per route instead.
+    # Select by index: `filter` would run the split's image transform on the center column alone.
+    centers = test.with_format(None)["center"]
+    old = test.select([i for i, center in enumerate(centers) if center != new_center])
+    with model.disable_adapter():
+        return evaluate_segmentation(model, old, num_labels)
+
+
 def run_one(cfg, base_dir: Path, data, test, new_center: str, method: str, seed: int, num_train_cases) -> dict:
     """Adapt the cached base with one method and seed; score it on every center."""
     base, processor = load_base(base_dir)
@@ -144,10 +159,7 @@ def run_one(cfg, base_dir: Path, data, test, new_center: str, method: str, seed:
         model = outcome.model
         scores = evaluate_segmentation(model, test, num_labels)
         if method in PEFT_METHODS:
-            routed = evaluate_segmentation(
-                model, test, num_labels, adapter_for_center=lambda c: "default" if c == new_center else "__base__"
-            )
-            row["old_dice_routed"] = _mean_old(routed, new_center)
+            row["old_dice_routed"] = _mean_old(_routed_scores(model, test, num_labels, new_center, method), new_center)
         epochs_run = max(1, len(outcome.result.history))
         row |= {
             "trainable": outcome.trainable_parameters,
@@ -226,12 +238,10 @@ def run_protocol(cfg: ProtocolConfig, output_dir: str | Path, progress=print) ->
                 handle.write(json.dumps(row) + "\n")
         if cfg.measure_memory:
             memory_file = output_dir / f"memory-{held_out}.json"
-            if not memory_file.is_file():
-                memory = {
-                    m: measure_training_memory(base_dir, m, cfg.batch_size, cfg.num_virtual_tokens)
-                    for m in cfg.methods
-                    if m != "direct"
-                }
-                memory_file.write_text(json.dumps(memory, indent=2))
+            memory = json.loads(memory_file.read_text()) if memory_file.is_file() else {}
+            for method in cfg.methods:
+                if method != "direct" and method not in memory:
+                    memory[method] = measure_training_memory(base_dir, method, cfg.batch_size, cfg.num_virtual_tokens)
+            memory_file.write_text(json.dumps(memory, indent=2))
     (output_dir / "protocol.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
     return rows

@@ -25,7 +25,7 @@ import argparse
 from peft_medseg.evaluation import evaluate_segmentation, json_scores
 from peft_medseg.training import (
     METHODS,
-    PEFT_METHODS,
+    VPT_METHODS,
     default_learning_rate,
     eval_transform,
     finetune_center,
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
             "epochs": args.num_epochs,
             "learning_rate": learning_rate,
             "seed": args.seed,
-            "num_virtual_tokens": args.num_virtual_tokens if args.method in PEFT_METHODS[:2] else None,
+            "num_virtual_tokens": args.num_virtual_tokens if args.method in VPT_METHODS else None,
             "best_epoch": result.best_epoch,
             "train_seconds": round(result.train_seconds, 2),
             "peak_memory_mb": result.peak_memory_mb,

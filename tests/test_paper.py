@@ -16,7 +16,7 @@ def protocol_run(tmp_path_factory):
     cfg = ProtocolConfig(
         dataset=str(root),
         held_out=["C"],
-        methods=("direct", "classifier", "vpt-deep"),
+        methods=("direct", "classifier", "vpt-deep", "vpt-deep-norms"),
         seeds=(0, 1),
         few_shot_cases=(2, None),
         few_shot_methods=("vpt-deep",),
@@ -38,6 +38,8 @@ def test_every_planned_run_is_scored(protocol_run):
         ("classifier", 0, None),
         ("classifier", 1, None),
         ("vpt-deep", 0, None),
+        ("vpt-deep-norms", 0, None),
+        ("vpt-deep-norms", 1, None),
         ("vpt-deep", 1, None),
         ("vpt-deep", 0, 2),
         ("vpt-deep", 1, 2),
@@ -57,7 +59,7 @@ def test_routed_adapters_keep_old_centers_exactly_at_the_base(protocol_run):
     _, _, rows = protocol_run
     direct = next(r for r in rows if r["method"] == "direct")
     for row in rows:
-        if row["method"] == "vpt-deep":
+        if row["method"] in ("vpt-deep", "vpt-deep-norms"):
             assert row["old_dice_routed"] == pytest.approx(direct["old_dice_paper"], abs=1e-6)
     assert all(math.isnan(r.get("old_dice_routed", math.nan)) for r in rows if r["method"] == "classifier")
 
@@ -70,7 +72,7 @@ def test_outputs_are_written_and_a_rerun_resumes(protocol_run, tmp_path):
         assert (output / name).is_file(), name
     assert (output / "figure-C.png").read_bytes()[:4] == b"\x89PNG"
     memory = json.loads((output / "memory-C.json").read_text())
-    assert set(memory) == {"classifier", "vpt-deep"} and all(v >= 0 for v in memory.values())
+    assert set(memory) == {"classifier", "vpt-deep", "vpt-deep-norms"} and all(v >= 0 for v in memory.values())
     # A second run finds every row in runs.jsonl and the cached base: nothing is trained again.
     messages = []
     again = run_protocol(cfg, output, progress=messages.append)

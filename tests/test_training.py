@@ -12,6 +12,7 @@ from PIL import Image
 from peft_medseg.models import build_image_processor, build_segmentation_model
 from peft_medseg.training import (
     METHODS,
+    PEFT_METHODS,
     SeededTransform,
     TrainingConfig,
     eval_transform,
@@ -82,7 +83,10 @@ def test_prepare_model_trains_exactly_the_method_parameters(method):
     model = prepare_model(tiny_base(), method, num_virtual_tokens=3)
     names = trainable_names(model)
     assert names
-    if method.startswith("vpt"):
+    if method == "vpt-deep-norms":
+        assert all("vpt_prompt" in n or ".modules_to_save." in n for n in names)
+        assert any("batch_norm.modules_to_save" in n for n in names)
+    elif method.startswith("vpt"):
         assert all("vpt_prompt" in n or "classifier.modules_to_save" in n for n in names)
         assert any("vpt_prompt" in n for n in names) and any("classifier" in n for n in names)
     elif method == "lora":
@@ -148,7 +152,7 @@ def test_two_step_run_saves_and_loads_back(tiny_data, tmp_path, method):
 
     out = tmp_path / "out"
     assert (out / "evaluation.json").is_file()
-    is_adapter = method in ("vpt-deep", "vpt-shallow", "lora")
+    is_adapter = method in PEFT_METHODS
     assert (out / "adapter_config.json").is_file() == is_adapter
     assert not list(tmp_path.glob(".out.tmp-*")), "the staging folder must be renamed away"
     loaded = load_finetuned(out, base_dir)
@@ -197,3 +201,32 @@ def test_resume_mid_epoch_equals_an_uninterrupted_run(tiny_data, tmp_path, accum
     assert resumed.best_epoch == full.best_epoch
     for name, value in expected.items():
         torch.testing.assert_close(state[name], value, rtol=0, atol=0)
+
+
+def test_vpt_deep_norms_trains_per_center_head_norms_and_leaves_the_base(tmp_path):
+    from peft import PeftModel
+
+    from peft_medseg.training import head_norm_modules
+
+    base = tiny_base()
+    norms = head_norm_modules(base)
+    assert norms and all(name.startswith("decode_head.") for name in norms)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    model = set_train_mode(prepare_model(base, "vpt-deep-norms"))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    x = torch.randn(4, 3, IMAGE_SIZE, IMAGE_SIZE)
+    model(pixel_values=x).logits.square().mean().backward()
+    optimizer.step()
+    wrapper = model.base_model.model.get_submodule(norms[0])
+    assert wrapper.modules_to_save["default"].training  # the center's copy re-estimates its statistics
+    assert not torch.equal(wrapper.modules_to_save["default"].running_mean, wrapper.original_module.running_mean)
+    model.eval()
+    with torch.no_grad():
+        expected = model(pixel_values=x).logits
+    model.save_pretrained(tmp_path / "adapter")
+    unloaded = model.unload()
+    for key, value in before.items():  # the base's own weights and BatchNorm statistics never moved
+        assert torch.equal(value, unloaded.state_dict()[key]), key
+    reloaded = PeftModel.from_pretrained(tiny_base(), str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixel_values=x).logits, expected)

@@ -4,6 +4,7 @@
 |---------------|-------------------------------------------------------------|-----------------------------|
 | `vpt-deep`    | prompts before every encoder block + the last classifier    | peft adapter (KBs)          |
 | `vpt-shallow` | prompts before the first block + the last classifier        | peft adapter (KBs)          |
+| `vpt-deep-norms` | `vpt-deep` + the decode head's BatchNorm layers (per-center statistics) | peft adapter (KBs) |
 | `lora`        | LoRA on the encoder attention projections + the classifier  | peft adapter                |
 | `decoder`     | the whole decode head (partial fine-tuning, as in the paper) | full model                  |
 | `classifier`  | the last 1x1 classifier conv only (the paper's partial baseline) | full model              |
@@ -12,6 +13,12 @@
 The prompt and LoRA methods train the last classifier (`decode_head.classifier`) with the adapter by default: a
 calibration on real data showed prompts alone recover only about a third of the gap to full fine-tuning, because much
 of the adaptation that matters is in the head. Pass `train_classifier=False` for prompts only.
+
+`vpt-deep-norms` also gives each center its own copy of the decode head's BatchNorm layers (affine weights and
+running statistics, about 0.2% of a tiny model): the head's feature statistics are what a new scanner shifts most, and
+re-estimating them closed the gap to full fine-tuning on the embedded data (README, "What we measured"). peft routes
+`modules_to_save` per sample only for leaf Linear/Conv modules, so these adapters cannot join mixed-center batches:
+run each center as its own batch.
 """
 
 from __future__ import annotations
@@ -21,8 +28,9 @@ from torch import nn
 # Importing the package registers the visual prompt method with peft.
 from ..visual_prompt import VisualPromptConfig
 
-METHODS = ("vpt-deep", "vpt-shallow", "lora", "decoder", "classifier", "full")
-PEFT_METHODS = ("vpt-deep", "vpt-shallow", "lora")
+METHODS = ("vpt-deep", "vpt-shallow", "vpt-deep-norms", "lora", "decoder", "classifier", "full")
+PEFT_METHODS = ("vpt-deep", "vpt-shallow", "vpt-deep-norms", "lora")
+VPT_METHODS = ("vpt-deep", "vpt-shallow", "vpt-deep-norms")
 
 # Per-method AdamW learning rates. Prompts start from random tokens and move a tiny fraction of the network, so they
 # need a learning rate two to three orders of magnitude above full fine-tuning (VPT paper: 0.01 to 1 with SGD); LoRA
@@ -30,6 +38,7 @@ PEFT_METHODS = ("vpt-deep", "vpt-shallow", "lora")
 DEFAULT_LEARNING_RATES: dict[str, float] = {
     "vpt-deep": 3e-2,
     "vpt-shallow": 3e-2,
+    "vpt-deep-norms": 3e-2,
     "lora": 1e-3,
     "decoder": 1e-3,
     "classifier": 1e-2,
@@ -77,12 +86,14 @@ def prepare_model(
     """
     _check_method(method)
     head = [CLASSIFIER_MODULE] if train_classifier else None
-    if method in ("vpt-deep", "vpt-shallow"):
+    if method in VPT_METHODS:
         from peft import get_peft_model
 
+        if method == "vpt-deep-norms":
+            head = (head or []) + head_norm_modules(base)
         config = VisualPromptConfig(
             num_virtual_tokens=num_virtual_tokens,
-            deep=method == "vpt-deep",
+            deep=method != "vpt-shallow",
             prompt_dropout=prompt_dropout,
             modules_to_save=head,
         )
@@ -99,6 +110,15 @@ def prepare_model(
     if method == "classifier":
         return _train_only(base, (CLASSIFIER_MODULE,))
     return base.requires_grad_(True)
+
+
+def head_norm_modules(model: nn.Module) -> list[str]:
+    """Names of the BatchNorm layers of the decode head (trained and saved per center by `vpt-deep-norms`)."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if name.startswith(DECODER_MODULE + ".") and isinstance(module, nn.modules.batchnorm._BatchNorm)
+    ]
 
 
 def set_train_mode(model: nn.Module, mode: bool = True) -> nn.Module:
