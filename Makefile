@@ -24,7 +24,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# The demo: embedded synthetic MRI, a tiny base pretrained on 4 centers, deep VPT for the held-out 5th, the matrix.
+# The demo: embedded synthetic MRI, a tiny base pretrained on 4 centers, deep VPT + per-center head norms for the held-out 5th, the matrix.
 DEMO := outputs/demo
 DEMO_CENTERS := t1w_3t t1w_1p5t t1w_3t_lowres pdw_1p5t
 DEMO_NEW := flair_1p5t
@@ -32,9 +32,9 @@ DEMO_NEW := flair_1p5t
 demo: $(VENV)/.installed
 	$(PY) recipes/pretrain_base.py --base tiny --centers $(DEMO_CENTERS) --image_size 64 --num_epochs 60 \
 		--learning_rate 2e-3 --output_dir $(DEMO)/base
-	$(PY) recipes/finetune_center.py --base_model $(DEMO)/base --method vpt-deep --new_center $(DEMO_NEW) \
-		--num_train_cases 8 --num_epochs 30 --eval_centers $(DEMO_CENTERS) $(DEMO_NEW) --output_dir $(DEMO)/vpt-deep-$(DEMO_NEW)
-	$(PY) recipes/evaluate_centers.py --base_model $(DEMO)/base --models $(DEMO)/vpt-deep-$(DEMO_NEW) \
+	$(PY) recipes/finetune_center.py --base_model $(DEMO)/base --method vpt-deep-norms --new_center $(DEMO_NEW) \
+		--num_train_cases 8 --num_epochs 30 --eval_centers $(DEMO_CENTERS) $(DEMO_NEW) --output_dir $(DEMO)/vpt-deep-norms-$(DEMO_NEW)
+	$(PY) recipes/evaluate_centers.py --base_model $(DEMO)/base --models $(DEMO)/vpt-deep-norms-$(DEMO_NEW) \
 		--centers $(DEMO_CENTERS) $(DEMO_NEW) --output_dir $(DEMO)/eval
 
 # Overhead ratios (VPT vs base, mixed batches, training memory), ViT-S sized, 224 px; see README "Speed and memory".

@@ -118,20 +118,6 @@ def pretrained_base(cfg: ProtocolConfig, data, num_labels: int, id2label, held_o
     return load_base(folder)
 
 
-def _routed_scores(model, test, num_labels: int, new_center: str, method: str) -> dict[str, dict[str, float]]:
-    """Each center through its own route: the new center through the adapter, the old ones through the base."""
-    if method != "vpt-deep-norms":
-        # One mixed-center batch per step: "__base__" rows take the base path inside the same forward.
-        route = lambda center: "default" if center == new_center else BASE_ADAPTER_NAME  # noqa: E731
-        return evaluate_segmentation(model, test, num_labels, adapter_for_center=route)
-    # BatchNorm copies cannot be routed per sample by peft: one pass per route instead.
-    # Select by index: `filter` would run the split's image transform on the center column alone.
-    centers = test.with_format(None)["center"]
-    old = test.select([i for i, center in enumerate(centers) if center != new_center])
-    with model.disable_adapter():
-        return evaluate_segmentation(model, old, num_labels)
-
-
 def run_one(cfg, base_dir: Path, data, test, new_center: str, method: str, seed: int, num_train_cases) -> dict:
     """Adapt the cached base with one method and seed; score it on every center."""
     base, processor = load_base(base_dir)
@@ -159,7 +145,10 @@ def run_one(cfg, base_dir: Path, data, test, new_center: str, method: str, seed:
         model = outcome.model
         scores = evaluate_segmentation(model, test, num_labels)
         if method in PEFT_METHODS:
-            row["old_dice_routed"] = _mean_old(_routed_scores(model, test, num_labels, new_center, method), new_center)
+            # One mixed-center batch per step: "__base__" rows take the base path inside the same forward.
+            route = lambda center: "default" if center == new_center else BASE_ADAPTER_NAME  # noqa: E731
+            routed = evaluate_segmentation(model, test, num_labels, adapter_for_center=route)
+            row["old_dice_routed"] = _mean_old(routed, new_center)
         epochs_run = max(1, len(outcome.result.history))
         row |= {
             "trainable": outcome.trainable_parameters,

@@ -44,7 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--base_model", required=True, help="Folder (or Hub id) of the base saved by pretrain_base.py."
     )
-    parser.add_argument("--method", choices=METHODS, default="vpt-deep")
+    parser.add_argument(
+        "--method", choices=METHODS, default="vpt-deep-norms", help="vpt-deep-norms won on both datasets (README)."
+    )
     parser.add_argument(
         "--new_center", default=None, help="The center to adapt to (default: the synthetic held-out center)."
     )

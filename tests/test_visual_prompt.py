@@ -261,11 +261,14 @@ def test_inject_adapter_in_model_and_transformers_load_adapter(tmp_path):
 
 
 # --------------------------------------------------------------------------- mixed batches
-def three_centers(deep=True, with_head=True):
+HEAD_NORMS = ["decode_head.fpn_bottleneck.batch_norm", "decode_head.lateral_convs.0.batch_norm"]
+
+
+def three_centers(deep=True, with_head=True, head_norms=False):
     base = tiny_base()
     kwargs = dict(num_virtual_tokens=4, deep=deep, prompt_dropout=0.0)
     if with_head:
-        kwargs["modules_to_save"] = ["decode_head.classifier"]
+        kwargs["modules_to_save"] = ["decode_head.classifier"] + (HEAD_NORMS if head_norms else [])
     model = get_peft_model(base, VisualPromptConfig(**kwargs), adapter_name="A")
     for name, seed in (("B", 1), ("C", 2)):
         torch.manual_seed(seed)
@@ -276,9 +279,14 @@ def three_centers(deep=True, with_head=True):
     return model
 
 
-@pytest.mark.parametrize("deep", [True, False])
-def test_mixed_batch_equals_per_sample_set_adapter(deep):
-    model = three_centers(deep).eval()
+@pytest.mark.parametrize("deep, head_norms", [(True, False), (False, False), (True, True)])
+def test_mixed_batch_equals_per_sample_set_adapter(deep, head_norms):
+    model = three_centers(deep, head_norms=head_norms).eval()
+    if head_norms:  # per-center statistics, so that routing them matters
+        with torch.no_grad():
+            for i, name in enumerate("ABC"):
+                for norm in HEAD_NORMS:
+                    model.base_model.model.get_submodule(norm).modules_to_save[name].running_mean.add_(0.3 * (i + 1))
     names = ["A", "C", "__base__", "B", "A", "__base__"]
     x = pixels(len(names))
     with torch.no_grad():
@@ -293,9 +301,9 @@ def test_mixed_batch_equals_per_sample_set_adapter(deep):
             torch.testing.assert_close(mixed[i : i + 1], single, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("deep", [True, False])
-def test_mixed_batch_training_gives_the_gradients_of_separate_passes(deep):
-    model = three_centers(deep)
+@pytest.mark.parametrize("deep, head_norms", [(True, False), (False, False), (True, True)])
+def test_mixed_batch_training_gives_the_gradients_of_separate_passes(deep, head_norms):
+    model = three_centers(deep, head_norms=head_norms)
     model.train()
     model.base_model.set_requires_grad(["A", "B", "C"], True)
     names = ["A", "B", "C", "A", "__base__", "B"]

@@ -16,9 +16,8 @@ of the adaptation that matters is in the head. Pass `train_classifier=False` for
 
 `vpt-deep-norms` also gives each center its own copy of the decode head's BatchNorm layers (affine weights and
 running statistics, about 0.2% of a tiny model): the head's feature statistics are what a new scanner shifts most, and
-re-estimating them closed the gap to full fine-tuning on the embedded data (README, "What we measured"). peft routes
-`modules_to_save` per sample only for leaf Linear/Conv modules, so these adapters cannot join mixed-center batches:
-run each center as its own batch.
+re-estimating them closed most of the gap to full fine-tuning on both the embedded data and the real breast
+ultrasound centers (README, "What we measured"). Mixed-center batches route these copies per sample too.
 """
 
 from __future__ import annotations

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import types
 import warnings
 from contextlib import contextmanager
 from functools import partial
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, _get_submodules
-from peft.utils.other import AuxiliaryTrainingWrapper
+from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from torch import nn
 
 from .architectures import describe_base, describe_key_value_base, find_blocks
@@ -186,20 +187,27 @@ class VisualPromptModel(BaseTuner):
                 f"adapter_names has {len(adapter_names)} entries for a batch of {pixel_values.shape[0]} samples."
             )
         layers = [m for m in self.model.modules() if isinstance(m, VisualPromptLayer)]
+        # modules_to_save copies are routed here rather than by peft, which routes only leaf Linear/Conv/Embedding
+        # modules: a center's own BatchNorm copy (statistics included) must route per sample too.
+        wrappers = [m for m in self.model.modules() if isinstance(m, ModulesToSaveWrapper)]
         handles = [
             module.register_forward_pre_hook(
                 partial(_inject_adapter_names, adapter_names=adapter_names), with_kwargs=True
             )
             for module in self.model.modules()
-            if isinstance(module, AuxiliaryTrainingWrapper)
+            if isinstance(module, AuxiliaryTrainingWrapper) and not isinstance(module, ModulesToSaveWrapper)
         ]
         for layer in layers:
             layer.adapter_names = adapter_names
+        for wrapper in wrappers:
+            wrapper.forward = types.MethodType(partial(_route_per_sample, adapter_names=adapter_names), wrapper)
         try:
             yield
         finally:
             for layer in layers:
                 layer.adapter_names = None
+            for wrapper in wrappers:
+                wrapper.__dict__.pop("forward", None)
             for handle in handles:
                 handle.remove()
             self._carry.tokens = None
@@ -215,6 +223,24 @@ class VisualPromptModel(BaseTuner):
             ):
                 module.eval()
         return self
+
+
+def _route_per_sample(wrapper: ModulesToSaveWrapper, x: torch.Tensor, *args, adapter_names: list[str], **kwargs):
+    """A modules_to_save wrapper's forward for a mixed batch: each group of samples through its center's copy.
+
+    Samples of a center without a copy of this module, and `"__base__"` samples, take the original module. Groups run
+    separately, so a BatchNorm copy in training normalises with its own center's batch statistics, exactly as in
+    separate passes.
+    """
+    if wrapper.disable_adapters:
+        return wrapper.original_module(x, *args, **kwargs)
+    outputs, order = [], []
+    for name in dict.fromkeys(adapter_names):
+        rows = [i for i, n in enumerate(adapter_names) if n == name]
+        module = wrapper.modules_to_save[name] if name in wrapper.modules_to_save else wrapper.original_module
+        outputs.append(module(x[rows], *args, **kwargs))
+        order.extend(rows)
+    return torch.cat(outputs)[torch.argsort(torch.tensor(order, device=x.device))]
 
 
 def _inject_adapter_names(module, args, kwargs, adapter_names):
