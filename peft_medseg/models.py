@@ -6,6 +6,8 @@ from transformers import (
     AutoBackbone,
     AutoConfig,
     Dinov2Config,
+    SegformerConfig,
+    SegformerForSemanticSegmentation,
     SegformerImageProcessorPil,
     UperNetConfig,
     UperNetForSemanticSegmentation,
@@ -64,16 +66,26 @@ def named_config(
     )
 
 
+# A SegFormer with MiT-b0 widths and one block per stage, for key/value prompts offline (see prompt_mode="key_value").
+SEGFORMER_TINY = dict(hidden_sizes=[32, 64, 160, 256], depths=[1, 1, 1, 1], decoder_hidden_size=64)
+
+
 def build_segmentation_model(
     base: str, num_labels: int, image_size: int = 224, id2label: dict[int, str] | None = None
 ) -> UperNetForSemanticSegmentation:
-    """A segmentation model to pretrain: a named offline config (`tiny`, `small`) or a Hub backbone id.
+    """A segmentation model to pretrain: a named offline config (`tiny`, `small`, `segformer-tiny`) or a Hub backbone id.
 
     A Hub id (for example `facebook/dinov2-small`) loads that pretrained backbone under a freshly initialised
     UperNet head.
     """
     if base in NAMED_CONFIGS:
         return UperNetForSemanticSegmentation(named_config(base, num_labels, image_size, id2label))
+    if base == "segformer-tiny":
+        id2label = id2label or {i: str(i) for i in range(num_labels)}
+        config = SegformerConfig(
+            num_labels=num_labels, id2label=id2label, label2id={v: k for k, v in id2label.items()}, **SEGFORMER_TINY
+        )
+        return SegformerForSemanticSegmentation(config)
     backbone_config = AutoConfig.from_pretrained(base)
     num_layers = backbone_config.num_hidden_layers
     backbone = AutoBackbone.from_pretrained(base, out_features=_out_features(num_layers), reshape_hidden_states=True)

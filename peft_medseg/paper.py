@@ -69,6 +69,7 @@ class ProtocolConfig:
     finetune_epochs: int = 20
     batch_size: int = 8
     num_virtual_tokens: int = 10
+    lora_rank: int = 8
     learning_rates: dict[str, float] = field(default_factory=dict)  # per-method overrides of the defaults
     measure_memory: bool = True
 
@@ -141,6 +142,7 @@ def run_one(cfg, base_dir: Path, data, test, new_center: str, method: str, seed:
             make_accelerator(),
             num_train_cases=num_train_cases,
             num_virtual_tokens=cfg.num_virtual_tokens,
+            lora_rank=cfg.lora_rank,
         )
         model = outcome.model
         scores = evaluate_segmentation(model, test, num_labels)

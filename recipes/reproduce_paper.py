@@ -17,6 +17,7 @@ import argparse
 
 from peft_medseg.paper import PAPER_METHODS, ProtocolConfig, run_protocol
 from peft_medseg.paper_report import summarize
+from peft_medseg.training import METHODS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -31,7 +32,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="New centers, one split each (default: the synthetic held-out center).",
     )
     parser.add_argument("--centers", nargs="+", default=None, help="Centers to use (default: all).")
-    parser.add_argument("--methods", nargs="+", default=list(PAPER_METHODS), choices=PAPER_METHODS)
+    parser.add_argument(
+        "--methods", nargs="+", default=list(PAPER_METHODS), choices=["direct", *METHODS], help="Default: the paper's."
+    )
+    parser.add_argument("--lora_rank", type=int, default=8)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--few_shot_cases", nargs="*", type=int, default=[1, 5, 10], help="Few-shot sizes (plus all).")
     parser.add_argument("--base", default="tiny", help="Named base config (tiny, small) or a Hub backbone id.")
@@ -57,8 +61,8 @@ def parse_learning_rates(pairs: list[str]) -> dict[str, float]:
     rates = {}
     for pair in pairs:
         method, _, value = pair.partition("=")
-        if method not in PAPER_METHODS or not value:
-            raise SystemExit(f"--learning_rate {pair!r}: expected METHOD=LR with METHOD in {list(PAPER_METHODS)}.")
+        if method not in METHODS or not value:
+            raise SystemExit(f"--learning_rate {pair!r}: expected METHOD=LR with METHOD in {list(METHODS)}.")
         try:
             rates[method] = float(value)
         except ValueError:
@@ -86,6 +90,7 @@ def main(argv=None) -> None:
         finetune_epochs=args.finetune_epochs,
         batch_size=args.batch_size,
         num_virtual_tokens=args.num_virtual_tokens,
+        lora_rank=args.lora_rank,
         learning_rates=parse_learning_rates(args.learning_rate),
     )
     if args.quick:

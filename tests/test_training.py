@@ -230,3 +230,12 @@ def test_vpt_deep_norms_trains_per_center_head_norms_and_leaves_the_base(tmp_pat
     reloaded = PeftModel.from_pretrained(tiny_base(), str(tmp_path / "adapter")).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(pixel_values=x).logits, expected)
+
+
+def test_segformer_methods_key_value_prompts_and_lora():
+    names_kv = trainable_names(prepare_model(build_segmentation_model("segformer-tiny", NUM_LABELS, 32), "vpt-kv"))
+    assert any("attention.visual_prompt.vpt_prompt" in n for n in names_kv)
+    assert all("vpt_prompt" in n or "classifier.modules_to_save" in n for n in names_kv)
+    names_lora = trainable_names(prepare_model(build_segmentation_model("segformer-tiny", NUM_LABELS, 32), "lora"))
+    stages = {n.split(".blocks.")[0] for n in names_lora if "lora_" in n}
+    assert stages == {f"base_model.model.segformer.stages.{i}" for i in range(4)}

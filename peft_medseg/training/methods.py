@@ -4,6 +4,7 @@
 |---------------|-------------------------------------------------------------|-----------------------------|
 | `vpt-deep`    | prompts before every encoder block + the last classifier    | peft adapter (KBs)          |
 | `vpt-shallow` | prompts before the first block + the last classifier        | peft adapter (KBs)          |
+| `vpt-kv`      | key/value prompts in every attention layer (SegFormer, Swin) + the last classifier | peft adapter (KBs) |
 | `vpt-deep-norms` | `vpt-deep` + the decode head's BatchNorm layers (per-center statistics) | peft adapter (KBs) |
 | `lora`        | LoRA on the encoder attention projections + the classifier  | peft adapter                |
 | `decoder`     | the whole decode head (partial fine-tuning, as in the paper) | full model                  |
@@ -27,9 +28,9 @@ from torch import nn
 # Importing the package registers the visual prompt method with peft.
 from ..visual_prompt import VisualPromptConfig
 
-METHODS = ("vpt-deep", "vpt-shallow", "vpt-deep-norms", "lora", "decoder", "classifier", "full")
-PEFT_METHODS = ("vpt-deep", "vpt-shallow", "vpt-deep-norms", "lora")
-VPT_METHODS = ("vpt-deep", "vpt-shallow", "vpt-deep-norms")
+METHODS = ("vpt-deep", "vpt-shallow", "vpt-deep-norms", "vpt-kv", "lora", "decoder", "classifier", "full")
+PEFT_METHODS = ("vpt-deep", "vpt-shallow", "vpt-deep-norms", "vpt-kv", "lora")
+VPT_METHODS = ("vpt-deep", "vpt-shallow", "vpt-deep-norms", "vpt-kv")
 
 # Per-method AdamW learning rates. Prompts start from random tokens and move a tiny fraction of the network, so they
 # need a learning rate two to three orders of magnitude above full fine-tuning (VPT paper: 0.01 to 1 with SGD); LoRA
@@ -38,6 +39,7 @@ DEFAULT_LEARNING_RATES: dict[str, float] = {
     "vpt-deep": 3e-2,
     "vpt-shallow": 3e-2,
     "vpt-deep-norms": 3e-2,
+    "vpt-kv": 3e-2,
     "lora": 1e-3,
     "decoder": 1e-3,
     "classifier": 1e-2,
@@ -47,8 +49,9 @@ DEFAULT_LEARNING_RATES: dict[str, float] = {
 # The last classifier of an UperNet head: a leaf Conv2d, so mixed-center batches can route it per sample.
 CLASSIFIER_MODULE = "decode_head.classifier"
 DECODER_MODULE = "decode_head"
-# DINOv2 attention projections in transformers 5 (`backbone.encoder.layer.N.attention.{q,k,v,o}_proj`).
-LORA_TARGET_MODULES = r".*encoder\.layer\.\d+\.attention\.(q_proj|k_proj|v_proj|o_proj)"
+# The attention projections of DINOv2 (`backbone.encoder.layer.N.attention.*`) and SegFormer
+# (`segformer.stages.S.blocks.N.attention.*`) in transformers 5.
+LORA_TARGET_MODULES = r".*\.attention\.(q_proj|k_proj|v_proj|o_proj)"
 
 
 def default_learning_rate(method: str) -> float:
@@ -93,6 +96,7 @@ def prepare_model(
         config = VisualPromptConfig(
             num_virtual_tokens=num_virtual_tokens,
             deep=method != "vpt-shallow",
+            prompt_mode="key_value" if method == "vpt-kv" else "tokens",
             prompt_dropout=prompt_dropout,
             modules_to_save=head,
         )
@@ -101,7 +105,10 @@ def prepare_model(
         from peft import LoraConfig, get_peft_model
 
         config = LoraConfig(
-            r=lora_rank, lora_alpha=lora_alpha, target_modules=LORA_TARGET_MODULES, modules_to_save=head
+            r=lora_rank,
+            lora_alpha=lora_alpha,
+            target_modules=LORA_TARGET_MODULES,
+            modules_to_save=head,
         )
         return get_peft_model(base, config)
     if method == "decoder":
