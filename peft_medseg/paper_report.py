@@ -53,7 +53,9 @@ def summarize(rows: list[dict], output_dir: str | Path) -> str:
         memory_file = output_dir / f"memory-{held_out}.json"
         memory = json.loads(memory_file.read_text()) if memory_file.is_file() else {}
         full_runs = [r for r in split if r["num_train_cases"] is None]
-        by_method = {m: [r for r in full_runs if r["method"] == m] for m in PAPER_METHODS}
+        # The paper's methods in its order, then any other method that was run (e.g. vpt-kv).
+        methods = list(PAPER_METHODS) + sorted({r["method"] for r in full_runs} - set(PAPER_METHODS))
+        by_method = {m: [r for r in full_runs if r["method"] == m] for m in methods}
         by_method = {m: runs for m, runs in by_method.items() if runs}
         base_old = _stats([r["old_dice_paper"] for r in by_method.get("direct", [])])[0]
         full_seconds = _stats([r["seconds_per_epoch"] for r in by_method.get("full", [])])[0]
