@@ -158,7 +158,7 @@ data, _ = load_multicenter_dataset(sys.argv[1])
 processor = build_image_processor({size})
 rows = data["train"].filter(lambda c: c == "A", input_columns="center")
 train, validation = rows.select(range(8)), rows.select(range(8, len(rows)))
-train.set_transform(SeededTransform(processor, 0)); validation.set_transform(eval_transform(processor))
+train.set_transform(train_transform(processor, 0)); validation.set_transform(eval_transform(processor))
 torch.manual_seed(0)
 model = prepare_model(build_segmentation_model("tiny", 3, image_size={size}), "vpt-deep", num_virtual_tokens=2,
                       prompt_dropout=0.0)

@@ -13,7 +13,6 @@ from peft_medseg.models import build_image_processor, build_segmentation_model
 from peft_medseg.training import (
     METHODS,
     PEFT_METHODS,
-    SeededTransform,
     TrainingConfig,
     eval_transform,
     latest_checkpoint,
@@ -26,6 +25,7 @@ from peft_medseg.training import (
     set_train_mode,
     split_validation,
     train_segmentation,
+    train_transform,
 )
 
 NUM_LABELS = 3
@@ -69,7 +69,7 @@ def center_split(data, center="A", augment=True, seed=0):
     processor = build_image_processor(IMAGE_SIZE)
     rows = data["train"].filter(lambda c: c == center, input_columns="center")
     train, validation = split_validation(rows, 0.25)
-    train.set_transform(SeededTransform(processor, seed) if augment else eval_transform(processor))
+    train.set_transform(train_transform(processor, seed) if augment else eval_transform(processor))
     validation.set_transform(eval_transform(processor))
     return train, validation, processor
 

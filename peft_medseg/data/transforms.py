@@ -5,6 +5,7 @@ Torch, numpy and Pillow only (torchvision is not installable next to every torch
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -115,8 +116,11 @@ class SegmentationTransform:
     Reads the resize target, resampling filter, rescale factor, mean and std from a transformers image processor.
     Each example becomes `pixel_values` (float tensor (3, H, W); grayscale is repeated to 3 channels) and `labels`
     (long tensor (H, W), resized with nearest neighbour), plus the `PASSTHROUGH_COLUMNS` present in the row.
-    With `train=True`, random flips, a small affine warp and intensity/contrast/gamma jitter are applied; `seed`
-    makes that sequence reproducible (in a single process; each DataLoader worker gets a copy of the generator).
+    With `train=True`, random flips, a small affine warp and intensity/contrast/gamma jitter are applied. With a
+    `seed`, a dataset row's augmentation depends only on (seed, epoch, center/id of the row) — not on a stream shared
+    by the process — so it is the same in a batch of 4 on one process or of 2 on each of two, in any DataLoader
+    worker, and a run resumed mid-epoch sees exactly the augmentations of an uninterrupted one. Call `set_epoch`
+    each epoch.
     """
 
     def __init__(
@@ -139,7 +143,13 @@ class SegmentationTransform:
             self.mean, self.std = torch.zeros(3, 1, 1), torch.ones(3, 1, 1)
         self.train = train
         self.augmentation = augmentation or AugmentationConfig()
+        self.seed = seed
+        self.epoch = 0
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw this epoch's augmentations (with a seed, each epoch augments every row differently)."""
+        self.epoch = epoch
 
     def _uniform(self, low: float, high: float) -> float:
         return low + (high - low) * float(torch.rand((), generator=self.generator))
@@ -207,7 +217,14 @@ class SegmentationTransform:
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         outputs: dict[str, list] = {"pixel_values": [], "labels": []}
-        for image, label in zip(batch["image"], batch["label"]):
+        per_sample_seed = self.train and self.seed is not None
+        # Ids are unique within a center only (the synthetic centers share file names).
+        ids = batch.get("id") or batch.get("case_id") or [str(i) for i in range(len(batch["image"]))]
+        keys = [f"{center}/{i}" for center, i in zip(batch.get("center") or [""] * len(ids), ids)]
+        for key, image, label in zip(keys, batch["image"], batch["label"]):
+            if per_sample_seed:
+                digest = hashlib.sha1(f"{self.seed}/{self.epoch}/{key}".encode()).digest()
+                self.generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
             example = self.transform_example(image, label)
             outputs["pixel_values"].append(example["pixel_values"])
             outputs["labels"].append(example["labels"])

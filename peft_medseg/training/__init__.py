@@ -2,11 +2,11 @@
 
 from .data import (
     SYNTHETIC,
-    SeededTransform,
     eval_transform,
     load_multicenter_dataset,
     restrict_centers,
     split_validation,
+    train_transform,
 )
 from .finetune import FinetuneOutcome, finetune_center, pretrain_base
 from .loop import (
@@ -42,7 +42,6 @@ __all__ = [
     "PEFT_METHODS",
     "VPT_METHODS",
     "SYNTHETIC",
-    "SeededTransform",
     "TrainingConfig",
     "TrainingResult",
     "atomic_directory",
@@ -65,5 +64,6 @@ __all__ = [
     "set_train_mode",
     "split_validation",
     "train_segmentation",
+    "train_transform",
     "trainable_state",
 ]

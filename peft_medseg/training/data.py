@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from datasets import Dataset, DatasetDict
 
 from ..data import SegmentationTransform, center_names, few_shot_subset, hash_split, select_centers
-from ..data.transforms import PASSTHROUGH_COLUMNS, AugmentationConfig
+from ..data.transforms import AugmentationConfig
 
 SYNTHETIC = "synthetic"
 
@@ -73,37 +71,9 @@ def restrict_centers(data: DatasetDict, centers: Sequence[str] | None) -> Datase
     return data if not centers else select_centers(data, list(centers))
 
 
-class SeededTransform:
-    """A `set_transform` callable whose augmentation depends only on (seed, epoch, sample id).
-
-    Each row is augmented with a generator seeded from those three, not from a stream shared by the process, so the
-    augmentation of a sample is the same whether it is drawn in a batch of 4 on one process or of 2 on each of two,
-    and a run resumed mid-epoch sees exactly the augmentations of an uninterrupted one. Call `set_epoch` each epoch.
-    """
-
-    def __init__(self, image_processor, seed: int = 0, augmentation: AugmentationConfig | None = None):
-        self.transform = SegmentationTransform(image_processor, train=True, augmentation=augmentation, seed=seed)
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        outputs: dict[str, list] = {"pixel_values": [], "labels": []}
-        # Sample ids are unique within a center only (the synthetic centers share file names).
-        ids = batch.get("id") or batch.get("case_id") or [str(i) for i in range(len(batch["image"]))]
-        keys = [f"{center}/{i}" for center, i in zip(batch.get("center") or [""] * len(ids), ids)]
-        for key, image, label in zip(keys, batch["image"], batch["label"]):
-            digest = hashlib.sha1(f"{self.seed}/{self.epoch}/{key}".encode()).digest()
-            self.transform.generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-            example = self.transform.transform_example(image, label)
-            outputs["pixel_values"].append(example["pixel_values"])
-            outputs["labels"].append(example["labels"])
-        for column in PASSTHROUGH_COLUMNS:
-            if column in batch:
-                outputs[column] = list(batch[column])
-        return outputs
+def train_transform(image_processor, seed: int = 0, augmentation: AugmentationConfig | None = None):
+    """The augmenting preprocessing of training rows, seeded per sample (see `SegmentationTransform`)."""
+    return SegmentationTransform(image_processor, train=True, augmentation=augmentation, seed=seed)
 
 
 def eval_transform(image_processor) -> SegmentationTransform:
@@ -113,10 +83,10 @@ def eval_transform(image_processor) -> SegmentationTransform:
 
 __all__ = [
     "SYNTHETIC",
-    "SeededTransform",
     "center_names",
     "eval_transform",
     "load_multicenter_dataset",
     "restrict_centers",
     "split_validation",
+    "train_transform",
 ]

@@ -10,7 +10,7 @@ from datasets import DatasetDict
 from torch import nn
 
 from ..models import build_segmentation_model
-from .data import SeededTransform, eval_transform, split_validation
+from .data import eval_transform, split_validation, train_transform
 from .loop import TrainingConfig, TrainingResult, train_segmentation
 from .methods import count_parameters, prepare_model, set_train_mode
 
@@ -44,7 +44,7 @@ def pretrain_base(
     set_seed(config.seed)  # the initial weights depend on it: same seed, same base
     model = build_segmentation_model(base, num_labels, image_size=image_size, id2label=id2label)
     train, validation = split_validation(data["train"], validation_fraction)
-    train.set_transform(SeededTransform(image_processor, config.seed) if augment else eval_transform(image_processor))
+    train.set_transform(train_transform(image_processor, config.seed) if augment else eval_transform(image_processor))
     validation.set_transform(eval_transform(image_processor))
     result = train_segmentation(model, train, validation, num_labels, config, accelerator)
     return set_train_mode(accelerator.unwrap_model(model), False), result
@@ -77,7 +77,7 @@ def finetune_center(
             f"No training rows for center {new_center!r}; centers: {sorted(set(data['train']['center']))}."
         )
     train, validation = split_validation(train_rows, validation_fraction, num_train_cases, config.seed)
-    train.set_transform(SeededTransform(image_processor, config.seed) if augment else eval_transform(image_processor))
+    train.set_transform(train_transform(image_processor, config.seed) if augment else eval_transform(image_processor))
     validation.set_transform(eval_transform(image_processor))
     set_seed(config.seed)  # the initial prompts / head weights depend on it: same seed, same run
     model = prepare_model(

@@ -96,7 +96,7 @@ def train_segmentation(
     """Train `model`'s trainable parameters with AdamW, cross-entropy + soft Dice and a cosine schedule.
 
     Validation (mean over centers of the mean foreground Dice) runs after every epoch, and the model ends with the
-    weights of the best epoch. `train_dataset` must carry a transform with `set_epoch` (`SeededTransform`) or none
+    weights of the best epoch. `train_dataset` must carry a transform with `set_epoch` (`train_transform`) or none
     needing it. Every epoch end, and every `checkpointing_steps` steps, the full accelerate state (model, optimizer,
     scheduler, RNGs, sampler) and the best weights so far are written atomically to `checkpoint_dir/step-<N>`;
     `resume_from_checkpoint` continues from one with no lost or repeated step, also mid-epoch.
