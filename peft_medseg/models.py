@@ -41,12 +41,15 @@ def _out_features(num_layers: int) -> list[str]:
 
 
 def named_config(
-    name: str, num_labels: int, image_size: int = 224, id2label: dict[int, str] | None = None
+    name: str | dict, num_labels: int, image_size: int = 224, id2label: dict[int, str] | None = None
 ) -> UperNetConfig:
-    """The `UperNetConfig` of a named offline base (`tiny` or `small`), with a DINOv2 backbone."""
-    if name not in NAMED_CONFIGS:
+    """The `UperNetConfig` of a named offline base (`tiny` or `small`), with a DINOv2 backbone.
+
+    `name` may also be a spec of the same keys as `NAMED_CONFIGS` values (widths for benchmarks, e.g. ViT-B).
+    """
+    if isinstance(name, str) and name not in NAMED_CONFIGS:
         raise ValueError(f"Unknown named config {name!r}: expected one of {sorted(NAMED_CONFIGS)} or a Hub model id.")
-    spec = dict(NAMED_CONFIGS[name])
+    spec = dict(NAMED_CONFIGS[name] if isinstance(name, str) else name)
     head_channels = spec.pop("head_channels")
     backbone = Dinov2Config(
         image_size=image_size,

@@ -1,11 +1,14 @@
 """Overhead of visual prompts, as ratios measured within one run (machines are noisy; ratios are not).
 
-    python recipes/bench_overhead.py                 # ViT-S-sized UperNet, 224 px, batch 8, CPU
+    python recipes/bench_overhead.py                 # ViT-S-sized UperNet, 224 px, batch 8, CPU, with cost curves
     python recipes/bench_overhead.py --quick         # a small config, for a smoke run
 
-Measures: inference latency of deep VPT vs the bare base; a mixed batch over 4 centers vs the same batch under one
-adapter and vs a per-sample loop with `set_adapter`; time and peak memory of one VPT training step vs one full
-fine-tuning step (peak resident memory, each step in its own process). Writes a JSON and prints a Markdown table.
+Measures: inference latency of deep VPT vs the bare base (deep prompts as keys/values, and the token path they
+replace); a mixed batch over 4 centers vs the same batch under one adapter and vs a per-sample loop with
+`set_adapter`; time and peak memory of one training step of VPT (with and without activation checkpointing), LoRA and
+full fine-tuning (peak resident memory, each step in its own process). Cost curves (`--curves`, on by default): latency
+overhead against the number of prompts and the image size; training peak memory against the backbone width (ViT-S,
+ViT-B, ViT-L); mixed-batch throughput against the number of centers in a batch. Writes JSON, Markdown and PNGs.
 """
 
 from __future__ import annotations
@@ -17,15 +20,51 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
+import matplotlib
 import torch
 from peft import get_peft_model
-from transformers import SegformerConfig, SegformerForSemanticSegmentation
+from tqdm.auto import tqdm
+from transformers import SegformerConfig, SegformerForSemanticSegmentation, UperNetForSemanticSegmentation
 
 import peft_medseg
-from peft_medseg.models import build_segmentation_model
+from peft_medseg.models import NAMED_CONFIGS, build_segmentation_model, named_config
 from peft_medseg.profiling import peak_memory_mb
+from peft_medseg.training import enable_gradient_checkpointing, prepare_model, set_train_mode
+from peft_medseg.visual_prompt.kv_layer import DeepKeyValuePromptLayer
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+# Backbone widths of the memory curve (DINOv2 blocks under an UperNet head, random init). ViT-S is the `small` base.
+WIDTHS = {
+    "ViT-S": NAMED_CONFIGS["small"],
+    "ViT-B": dict(
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        patch_size=16,
+        head_channels=256,
+    ),
+    "ViT-L": dict(
+        hidden_size=1024,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        intermediate_size=4096,
+        patch_size=16,
+        head_channels=256,
+    ),
+}
+# Training-step variants of the memory curve: (method of `prepare_model`, activation checkpointing).
+TRAIN_VARIANTS = {
+    "full": ("full", False),
+    "lora": ("lora", False),
+    "vpt-deep": ("vpt-deep", False),
+    "vpt-deep + checkpointing": ("vpt-deep", True),
+}
 
 
 def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
@@ -52,20 +91,42 @@ def interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def build(config_name: str, image_size: int):
+def build(config_name: str | dict, image_size: int):
     torch.manual_seed(0)
+    if isinstance(config_name, dict):
+        return UperNetForSemanticSegmentation(named_config(config_name, num_labels=4, image_size=image_size)).eval()
     return build_segmentation_model(config_name, num_labels=4, image_size=image_size).eval()
 
 
-def four_centers(base, args, **config):
-    """A copy of `base` with four centers' adapters (the first active), and a batch's worth of mixed center names."""
-    centers = [f"center-{i}" for i in range(4)]
-    config = dict(num_virtual_tokens=args.num_virtual_tokens, **config)
+def centers_model(base, num_centers: int, num_virtual_tokens: int, batch_size: int, **config):
+    """A copy of `base` with `num_centers` adapters (the first active), and a batch's worth of mixed center names."""
+    centers = [f"center-{i}" for i in range(num_centers)]
+    config = dict(num_virtual_tokens=num_virtual_tokens, **config)
     model = get_peft_model(copy.deepcopy(base), peft_medseg.VisualPromptConfig(**config), adapter_name=centers[0])
     for name in centers[1:]:
         model.add_adapter(name, peft_medseg.VisualPromptConfig(**config))
     model.set_adapter(centers[0])
-    return model.eval(), centers, [centers[i % 4] for i in range(args.batch_size)]
+    return model.eval(), centers, [centers[i % num_centers] for i in range(batch_size)]
+
+
+def four_centers(base, args, **config):
+    return centers_model(base, 4, args.num_virtual_tokens, args.batch_size, **config)
+
+
+@contextmanager
+def token_path():
+    """Run deep prompts the way they ran before they became keys/values: as tokens through the whole block."""
+    runs_as_key_values = DeepKeyValuePromptLayer.runs_as_key_values
+    DeepKeyValuePromptLayer.runs_as_key_values = lambda self, rows: False
+    try:
+        yield
+    finally:
+        DeepKeyValuePromptLayer.runs_as_key_values = runs_as_key_values
+
+
+def run_token_path(model, **inputs):
+    with token_path():
+        return model(**inputs)
 
 
 def bench_inference(args) -> dict:
@@ -84,6 +145,7 @@ def bench_inference(args) -> dict:
             {
                 "base": lambda: base(pixel_values=x),
                 "vpt": lambda: model(pixel_values=x),
+                "vpt_tokens": lambda: run_token_path(model, pixel_values=x),
                 "mixed": lambda: model(pixel_values=x, adapter_names=mixed_names),
                 "loop": per_sample_loop,
             },
@@ -92,11 +154,80 @@ def bench_inference(args) -> dict:
     return {
         "base_ms": 1000 * t["base"],
         "vpt_deep_ms": 1000 * t["vpt"],
+        "vpt_deep_token_path_ms": 1000 * t["vpt_tokens"],
         "mixed_4_centers_ms": 1000 * t["mixed"],
         "per_sample_loop_ms": 1000 * t["loop"],
         "vpt_vs_base": t["vpt"] / t["base"],
+        "vpt_token_path_vs_base": t["vpt_tokens"] / t["base"],
         "mixed_vs_single_adapter": t["mixed"] / t["vpt"],
         "mixed_speedup_vs_loop": t["loop"] / t["mixed"],
+    }
+
+
+def latency_curve(args) -> list[dict]:
+    """Deep VPT / base latency against the number of prompts (at `image_size`) and the image size (10 prompts)."""
+    points = [(args.image_size, n) for n in (1, 10, 50, 100)] + [(2 * args.image_size, 10)]
+    return [latency_point(args, size, prompts) for size, prompts in tqdm(points, desc="latency curve")]
+
+
+def latency_point(args, image_size: int, num_prompts: int) -> dict:
+    base = build(args.config, image_size)
+    x = torch.randn(args.batch_size, 3, image_size, image_size)
+    model, _, _ = centers_model(base, 1, num_prompts, args.batch_size)
+    with torch.inference_mode():
+        t = interleaved_medians(
+            {
+                "base": lambda: base(pixel_values=x),
+                "vpt": lambda: model(pixel_values=x),
+                "vpt_tokens": lambda: run_token_path(model, pixel_values=x),
+            },
+            args.curve_repeats,
+        )
+    return {
+        "image_size": image_size,
+        "num_virtual_tokens": num_prompts,
+        "base_ms": 1000 * t["base"],
+        "key_value_vs_base": t["vpt"] / t["base"],
+        "token_path_vs_base": t["vpt_tokens"] / t["base"],
+    }
+
+
+def mixed_curve(args) -> list[dict]:
+    """Throughput of one mixed batch against the number of centers in it, vs per-sample and per-center passes."""
+    base = build(args.config, args.image_size)
+    return [mixed_point(args, base, n) for n in tqdm((1, 2, 4, 8), desc="mixed-batch curve")]
+
+
+def mixed_point(args, base, num_centers: int) -> dict:
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
+    model, centers, names = centers_model(base, num_centers, args.num_virtual_tokens, args.batch_size)
+
+    def per_sample():
+        for i, name in enumerate(names):
+            model.set_adapter(name)
+            model(pixel_values=x[i : i + 1])
+
+    def per_center():
+        for name in centers:
+            model.set_adapter(name)
+            model(pixel_values=x[[i for i, n in enumerate(names) if n == name]])
+
+    with torch.inference_mode():
+        t = interleaved_medians(
+            {
+                "mixed": lambda: model(pixel_values=x, adapter_names=names),
+                "per_sample": per_sample,
+                "per_center": per_center,
+            },
+            args.curve_repeats,
+        )
+    return {
+        "num_centers": num_centers,
+        "mixed_images_per_s": args.batch_size / t["mixed"],
+        "per_sample_images_per_s": args.batch_size / t["per_sample"],
+        "per_center_images_per_s": args.batch_size / t["per_center"],
+        "mixed_speedup_vs_per_sample": t["per_sample"] / t["mixed"],
+        "mixed_speedup_vs_per_center": t["per_center"] / t["mixed"],
     }
 
 
@@ -137,12 +268,14 @@ def bench_segformer(args, size: str = "b0") -> dict:
     }
 
 
-def train_step_in_this_process(method: str, args) -> dict:
+def train_step_in_this_process(variant: str, width: str, args, repeats: int) -> dict:
     """Peak memory growth and time of a training step, in a fresh process so methods do not share an allocator."""
-    model = build(args.config, args.image_size)
-    if method == "vpt":
-        model = get_peft_model(model, peft_medseg.VisualPromptConfig(num_virtual_tokens=args.num_virtual_tokens))
-    model.train()
+    method, checkpointing = TRAIN_VARIANTS[variant]
+    model = build(WIDTHS[width], args.image_size)
+    model = prepare_model(model, method, num_virtual_tokens=args.num_virtual_tokens, prompt_dropout=0.0)
+    if checkpointing:
+        enable_gradient_checkpointing(model)
+    set_train_mode(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
@@ -158,27 +291,161 @@ def train_step_in_this_process(method: str, args) -> dict:
     # The first step allocates everything a training step needs (activations, gradients, optimizer state); later
     # steps reuse the allocator's cache, so only the first one shows the method's peak.
     peak = peak_memory_mb(step)
-    seconds = median_seconds(step, repeats=args.train_repeats, warmup=1)
+    seconds = median_seconds(step, repeats=repeats, warmup=0) if repeats else None
     trainable = sum(p.numel() for p in params)
     return {"step_s": seconds, "peak_mb_above_model": peak, "trainable": trainable}
 
 
+def train_step(variant: str, width: str, repeats: int) -> dict:
+    command = [sys.executable, __file__, "--_train_step", variant, width, str(repeats), *sys.argv[1:]]
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
 def bench_training(args) -> dict:
-    results = {}
-    for method in ("full", "vpt"):
-        command = [sys.executable, __file__, "--_train_step", method, *sys.argv[1:]]
-        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        results[method] = json.loads(output.strip().splitlines()[-1])
+    """Every variant at ViT-S, with step times."""
+    results = {v: train_step(v, "ViT-S", args.train_repeats) for v in tqdm(TRAIN_VARIANTS, desc="training steps")}
+    full = results["full"]
     return {
-        "full_step_s": results["full"]["step_s"],
-        "vpt_step_s": results["vpt"]["step_s"],
-        "full_peak_mb": results["full"]["peak_mb_above_model"],
-        "vpt_peak_mb": results["vpt"]["peak_mb_above_model"],
-        "vpt_vs_full_time": results["vpt"]["step_s"] / results["full"]["step_s"],
-        "vpt_vs_full_memory": results["vpt"]["peak_mb_above_model"] / results["full"]["peak_mb_above_model"],
-        "trainable_vpt": results["vpt"]["trainable"],
-        "trainable_full": results["full"]["trainable"],
+        variant: result
+        | {
+            "time_vs_full": result["step_s"] / full["step_s"],
+            "memory_vs_full": result["peak_mb_above_model"] / full["peak_mb_above_model"],
+        }
+        for variant, result in results.items()
     }
+
+
+def memory_curve(args) -> list[dict]:
+    """Training-step peak memory of each variant against the backbone width (one step each, ViT-S reused)."""
+    rows = []
+    for width in tqdm([w for w in WIDTHS if w != "ViT-S"], desc="memory curve"):
+        results = {v: train_step(v, width, 0) for v in TRAIN_VARIANTS}
+        full = results["full"]["peak_mb_above_model"]
+        for variant, result in results.items():
+            rows.append(
+                {"width": width, "variant": variant, "peak_mb": result["peak_mb_above_model"]}
+                | {"memory_vs_full": result["peak_mb_above_model"] / full, "trainable": result["trainable"]}
+            )
+    return rows
+
+
+def plot_curves(results: dict, folder: Path) -> list[Path]:
+    paths = []
+    latency = results.get("latency_curve")
+    if latency:
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        size = results["setup"]["image_size"]
+        same_size = [r for r in latency if r["image_size"] == size]
+        for key, label in (("key_value_vs_base", "deep VPT (keys/values)"), ("token_path_vs_base", "token path")):
+            ax.plot([r["num_virtual_tokens"] for r in same_size], [r[key] for r in same_size], "o-", label=label)
+        for r in latency:
+            if r["image_size"] != size:
+                ax.scatter([r["num_virtual_tokens"]], [r["key_value_vs_base"]], marker="s", color="C0")
+                ax.annotate(f"{r['image_size']} px", (r["num_virtual_tokens"], r["key_value_vs_base"]))
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set(
+            xscale="log", xlabel="prompts per block", ylabel="latency / base", title=f"Inference overhead, {size} px"
+        )
+        ax.legend()
+        paths.append(_save(fig, folder / "latency_curve.png"))
+    memory = results.get("memory_curve")
+    if memory:
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        widths = list(dict.fromkeys(r["width"] for r in memory))
+        for variant in TRAIN_VARIANTS:
+            values = [
+                next(r["peak_mb"] for r in memory if r["width"] == w and r["variant"] == variant) for w in widths
+            ]
+            ax.plot(widths, values, "o-", label=variant)
+        ax.set(ylabel="training step peak memory (MB)", title="Training memory vs backbone width")
+        ax.legend()
+        paths.append(_save(fig, folder / "memory_curve.png"))
+    mixed = results.get("mixed_curve")
+    if mixed:
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        counts = [r["num_centers"] for r in mixed]
+        for key, label in (
+            ("mixed_images_per_s", "one mixed batch"),
+            ("per_center_images_per_s", "one pass per center"),
+            ("per_sample_images_per_s", "one pass per sample"),
+        ):
+            ax.plot(counts, [r[key] for r in mixed], "o-", label=label)
+        ax.set(xlabel="centers in a batch", ylabel="images / s", xticks=counts, title="Serving several centers")
+        ax.legend()
+        paths.append(_save(fig, folder / "mixed_curve.png"))
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def markdown(results: dict) -> str:
+    args = results["setup"]
+    inf, tr, seg = results["inference"], results["training"], results["segformer"]
+    lines = [
+        f"Setup: {args['config']} base, {args['image_size']} px, batch {args['batch_size']}, "
+        f"{args['num_virtual_tokens']} prompts, {args['device']}, {args['threads']} threads.",
+        "",
+        "| measure | value | target |",
+        "|---|---|---|",
+        f"| deep VPT / base, inference latency (keys/values) | {inf['vpt_vs_base']:.3f}× | ≤ 1.03× |",
+        f"| deep VPT / base, inference latency (token path, before) | {inf['vpt_token_path_vs_base']:.3f}× | — |",
+        f"| mixed batch (4 centers) / one adapter | {inf['mixed_vs_single_adapter']:.3f}× | ≤ 1.03× |",
+        f"| per-sample set_adapter loop / mixed batch | {inf['mixed_speedup_vs_loop']:.2f}× | ≥ 1.3× |",
+        f"| SegFormer-b0 key/value prompts / base, inference latency | {seg['kv_vs_base']:.3f}× | ≤ 1.10× |",
+    ]
+    for variant, result in tr.items():
+        if variant != "full":
+            lines.append(
+                f"| {variant} / full fine-tuning, training step peak memory | {result['memory_vs_full']:.3f}× "
+                f"(time {result['time_vs_full']:.2f}×) | {'≤ 0.6×' if 'checkpointing' in variant else '—'} |"
+            )
+    if results.get("latency_curve"):
+        lines += [
+            "",
+            "| image size | prompts | base (ms) | keys/values / base | token path / base |",
+            "|---|---|---|---|---|",
+        ]
+        for r in results["latency_curve"]:
+            lines.append(
+                f"| {r['image_size']} | {r['num_virtual_tokens']} | {r['base_ms']:.0f} | "
+                f"{r['key_value_vs_base']:.3f}× | {r['token_path_vs_base']:.3f}× |"
+            )
+    if results.get("memory_curve"):
+        rows = [
+            {
+                "width": "ViT-S",
+                "variant": v,
+                "peak_mb": r["peak_mb_above_model"],
+                "memory_vs_full": r["memory_vs_full"],
+            }
+            for v, r in tr.items()
+        ] + results["memory_curve"]
+        lines += ["", "| backbone | " + " | ".join(TRAIN_VARIANTS) + " |", "|---" * (len(TRAIN_VARIANTS) + 1) + "|"]
+        for width in dict.fromkeys(r["width"] for r in rows):
+            cells = [next(r for r in rows if r["width"] == width and r["variant"] == v) for v in TRAIN_VARIANTS]
+            lines.append(
+                f"| {width} | "
+                + " | ".join(f"{c['peak_mb']:.0f} MB ({c['memory_vs_full']:.2f}×)" for c in cells)
+                + " |"
+            )
+    if results.get("mixed_curve"):
+        lines += [
+            "",
+            "| centers in batch | mixed (img/s) | per center (img/s) | per sample (img/s) | mixed vs per sample |",
+            "|---|---|---|---|---|",
+        ]
+        for r in results["mixed_curve"]:
+            lines.append(
+                f"| {r['num_centers']} | {r['mixed_images_per_s']:.1f} | {r['per_center_images_per_s']:.1f} | "
+                f"{r['per_sample_images_per_s']:.1f} | {r['mixed_speedup_vs_per_sample']:.2f}× |"
+            )
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -188,40 +455,43 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--num_virtual_tokens", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--train_repeats", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="tiny config at 64 px: a smoke run in seconds")
-    parser.add_argument("--output", default="outputs/bench_overhead.json")
-    parser.add_argument("--_train_step", choices=["full", "vpt"], help=argparse.SUPPRESS)
+    parser.add_argument("--curve_repeats", type=int, default=5)
+    parser.add_argument("--train_repeats", type=int, default=2)
+    parser.add_argument("--no_curves", action="store_true", help="skip the cost curves (minutes on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="tiny config at 64 px, no curves: a smoke run")
+    parser.add_argument("--output_dir", default="outputs/bench")
+    parser.add_argument("--_train_step", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
-        args.config, args.image_size, args.repeats, args.train_repeats = "tiny", 64, 5, 2
-    torch.set_num_threads(torch.get_num_threads())
+        args.config, args.image_size, args.repeats, args.train_repeats, args.no_curves = "tiny", 64, 5, 1, True
     if args._train_step:
-        print(json.dumps(train_step_in_this_process(args._train_step, args)))
+        variant, width, repeats = args._train_step
+        if args.quick:
+            WIDTHS[width] = NAMED_CONFIGS["tiny"]
+        print(json.dumps(train_step_in_this_process(variant, width, args, int(repeats))))
         return
 
     device = "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name()
-    print(
-        f"config={args.config} image_size={args.image_size} batch={args.batch_size} "
-        f"tokens={args.num_virtual_tokens} device={device} threads={torch.get_num_threads()}"
-    )
-    results = {"setup": vars(args) | {"device": device}, "inference": bench_inference(args)}
-    results["segformer"] = bench_segformer(args)
+    setup = vars(args) | {"device": device, "threads": torch.get_num_threads()}
+    print(f"config={args.config} image_size={args.image_size} batch={args.batch_size} device={device}")
+    results = {"setup": setup, "inference": bench_inference(args), "segformer": bench_segformer(args)}
     results["training"] = bench_training(args)
-    inf, tr, seg = results["inference"], results["training"], results["segformer"]
-    print("| measure | value | target |\n|---|---|---|")
-    print(
-        f"| deep VPT ({args.num_virtual_tokens} tokens) / base, inference latency | {inf['vpt_vs_base']:.3f}× | ≤ 1.10× |"
-    )
-    print(f"| mixed batch (4 centers) / one adapter | {inf['mixed_vs_single_adapter']:.3f}× | ≤ 1.05× |")
-    print(f"| per-sample set_adapter loop / mixed batch | {inf['mixed_speedup_vs_loop']:.2f}× faster | — |")
-    print(f"| SegFormer-b0 key/value prompts / base, inference latency | {seg['kv_vs_base']:.3f}× | ≤ 1.10× |")
-    print(f"| VPT / full fine-tuning, training step time | {tr['vpt_vs_full_time']:.3f}× | — |")
-    print(f"| VPT / full fine-tuning, training peak memory | {tr['vpt_vs_full_memory']:.3f}× | ≤ 0.7× |")
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2))
-    print(f"wrote {output}")
+    if not args.no_curves:
+        results["latency_curve"] = latency_curve(args)
+        results["mixed_curve"] = mixed_curve(args)
+        results["memory_curve"] = memory_curve(args)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "bench_overhead.json").write_text(json.dumps(results, indent=2))
+    table = markdown(results)
+    (output_dir / "bench_overhead.md").write_text(table + "\n")
+    print(table)
+    for path in [
+        output_dir / "bench_overhead.json",
+        output_dir / "bench_overhead.md",
+        *plot_curves(results, output_dir),
+    ]:
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

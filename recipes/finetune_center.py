@@ -33,6 +33,7 @@ from peft_medseg.training import (
     load_multicenter_dataset,
     make_accelerator,
     save_finetuned,
+    uses_gradient_checkpointing,
 )
 from peft_medseg.training.cli import add_data_arguments, add_training_arguments, training_config_from_args
 
@@ -62,6 +63,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="VPT/LoRA without the last classifier (by default it trains too: most of the adaptation is there).",
     )
     parser.add_argument("--lora_rank", type=int, default=8)
+    parser.add_argument(
+        "--gradient_checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Recompute encoder activations in the backward pass: same gradients, lower peak memory, slower steps "
+        "(default: on for the prompt methods, off for the others).",
+    )
     parser.add_argument(
         "--output_dir", required=True, help="Where the adapter (or full model) and evaluation.json go."
     )
@@ -104,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
             lora_rank=args.lora_rank,
             validation_fraction=args.validation_fraction,
             augment=not args.no_augmentation,
+            gradient_checkpointing=args.gradient_checkpointing,
         )
     except ValueError as error:
         raise SystemExit(str(error)) from error
@@ -135,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
             "best_epoch": result.best_epoch,
             "train_seconds": round(result.train_seconds, 2),
             "peak_memory_mb": result.peak_memory_mb,
+            "gradient_checkpointing": uses_gradient_checkpointing(args.method, args.gradient_checkpointing),
         },
     }
     save_finetuned(model, args.output_dir, processor, evaluation)

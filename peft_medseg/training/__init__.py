@@ -27,9 +27,11 @@ from .methods import (
     VPT_METHODS,
     count_parameters,
     default_learning_rate,
+    enable_gradient_checkpointing,
     head_norm_modules,
     prepare_model,
     set_train_mode,
+    uses_gradient_checkpointing,
 )
 from .saving import atomic_directory, is_adapter_folder, load_base, load_finetuned, save_finetuned
 
@@ -47,6 +49,7 @@ __all__ = [
     "atomic_directory",
     "count_parameters",
     "default_learning_rate",
+    "enable_gradient_checkpointing",
     "eval_transform",
     "finetune_center",
     "head_norm_modules",
@@ -66,4 +69,5 @@ __all__ = [
     "train_segmentation",
     "train_transform",
     "trainable_state",
+    "uses_gradient_checkpointing",
 ]

@@ -12,7 +12,13 @@ from torch import nn
 from ..models import build_segmentation_model
 from .data import eval_transform, split_validation, train_transform
 from .loop import TrainingConfig, TrainingResult, train_segmentation
-from .methods import count_parameters, prepare_model, set_train_mode
+from .methods import (
+    count_parameters,
+    enable_gradient_checkpointing,
+    prepare_model,
+    set_train_mode,
+    uses_gradient_checkpointing,
+)
 
 
 @dataclass
@@ -65,11 +71,14 @@ def finetune_center(
     lora_rank: int = 8,
     validation_fraction: float = 0.2,
     augment: bool = True,
+    gradient_checkpointing: bool | None = None,
 ) -> FinetuneOutcome:
     """Adapt `base` to `new_center` with `method` (see `prepare_model`) on that center's training split.
 
     A fixed share of the center's training cases (by case hash) validates each epoch for best-epoch selection; the
     test split is left for evaluation. `num_train_cases` keeps a deterministic few-shot subset of the rest.
+    `gradient_checkpointing` recomputes the encoder's activations in the backward pass (None: on for the prompt
+    methods, see `uses_gradient_checkpointing`); the gradients are the same.
     """
     train_rows = data["train"].filter(lambda center: center == new_center, input_columns="center")
     if len(train_rows) == 0:
@@ -88,6 +97,8 @@ def finetune_center(
         train_classifier=train_classifier,
         lora_rank=lora_rank,
     )
+    if uses_gradient_checkpointing(method, gradient_checkpointing):
+        enable_gradient_checkpointing(model)
     trainable, total = count_parameters(model)
     num_labels = base.config.num_labels
     result = train_segmentation(model, train, validation, num_labels, config, accelerator)

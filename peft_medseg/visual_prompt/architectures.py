@@ -28,8 +28,9 @@ SUPPORTED_MODELS = (
 class KeyValueBlock:
     """Where key/value prompts go in a block: its attention child, the norm before it, and the attention layout.
 
-    `layout` is `"global"` (every token attends to every token), `"reduced"` (SegFormer: keys/values come from a
-    spatially reduced sequence) or `"windowed"` (Swin: attention within windows of window_size² tokens).
+    `layout` is `"global"` (every token attends to every token), `"rotary"` (global, with RoPE on the patch tokens:
+    DINOv3), `"reduced"` (SegFormer: keys/values come from a spatially reduced sequence) or `"windowed"` (Swin:
+    attention within windows of window_size² tokens).
     """
 
     attention: str
@@ -39,17 +40,22 @@ class KeyValueBlock:
 
 # Blocks whose attention accepts extra keys/values (`prompt_mode="key_value"`). Hierarchical encoders are here:
 # they reshape tokens to feature maps inside the block, so prompts can join the attention but not the sequence.
-# Plain ViT blocks are here too: on them the key/value mode is exactly deep VPT (tested), which proves the mode.
+# Plain ViT blocks are here too: on them the key/value mode is exactly deep VPT (tested), so token-level deep
+# prompts on these blocks run as keys/values (`DEEP_KEY_VALUE_BLOCKS`), skipping the work VPT throws away.
 KEY_VALUE_BLOCKS = {
     "SegformerLayer": KeyValueBlock(attention="attention", norm="layernorm_before", layout="reduced"),
     "SwinLayer": KeyValueBlock(attention="attention", norm="layernorm_before", layout="windowed"),
     "Dinov2Layer": KeyValueBlock(attention="attention", norm="norm1", layout="global"),
     "Dinov2WithRegistersLayer": KeyValueBlock(attention="attention", norm="norm1", layout="global"),
+    "DINOv3ViTLayer": KeyValueBlock(attention="attention", norm="norm1", layout="rotary"),
 }
+# Token-level blocks whose deep prompts run as keys/values of their attention (`DeepKeyValuePromptLayer`): plain
+# pre-norm ViT blocks whose attention takes no position bias sized to the sequence. DPT and BEiT keep the token path.
+DEEP_KEY_VALUE_BLOCKS = {name: spec for name, spec in KEY_VALUE_BLOCKS.items() if spec.layout in ("global", "rotary")}
 SUPPORTED_KEY_VALUE_BLOCK_CLASSES = tuple(KEY_VALUE_BLOCKS)
 SUPPORTED_KEY_VALUE_MODELS = (
     "SegformerForSemanticSegmentation (every MiT size); UperNetForSemanticSegmentation with SwinBackbone, "
-    "Dinov2Backbone or Dinov2WithRegistersBackbone"
+    "Dinov2Backbone, Dinov2WithRegistersBackbone or DINOv3ViTBackbone"
 )
 
 

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import sys
 import types
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.dinov3_vit.modeling_dinov3_vit import apply_rotary_pos_emb as dinov3_apply_rotary_pos_emb
 
-from .architectures import KEY_VALUE_BLOCKS
+from .architectures import KEY_VALUE_BLOCKS, KeyValueBlock
 from .layer import PromptCarry, VisualPromptLayer, _select_rows
 
 
@@ -53,71 +55,167 @@ class KeyValuePromptLayer(VisualPromptLayer):
     # ----------------------------------------------------------------- forward
     def forward(self, attention: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         """The attention's forward with each sample's prompts appended to its keys and values."""
-        attention_forward = type(attention).forward
         num_rows = hidden_states.shape[0]
         # Swin attends within windows: its rows are the windows of each image, batch-major (image i owns rows
         # i*nW ... (i+1)*nW - 1), and every window of an image gets that image's prompts.
         num_images = len(self.adapter_names) if self.adapter_names is not None else num_rows
         if num_rows % num_images:
             raise ValueError(f"{num_rows} attention rows cannot be split among {num_images} samples.")
-        windows_per_image = num_rows // num_images
         image_adapters = self._row_adapters(num_images)
         if image_adapters is None or all(name is None for name in image_adapters):
-            return attention_forward(attention, hidden_states, *args, **kwargs)
-        layout_forward = LAYOUT_FORWARDS[self.layout]
+            return type(attention).forward(attention, hidden_states, *args, **kwargs)
+        rows = self.prompt_rows(image_adapters, self.prompt_norm, self.layout)
+        return attend_with_prompts(attention, hidden_states, rows, args, kwargs)
 
-        if all(name is not None for name in image_adapters):
-            keys, values = self._prompt_keys_values(attention, image_adapters, windows_per_image, hidden_states.dtype)
-            return layout_forward(attention, hidden_states, keys, values, *args, **kwargs)
+    def prompt_rows(self, image_adapters: list[str | None], prompt_norm: nn.Module, layout: str) -> PromptRows:
+        """The prompts of these samples' adapters, with prompt dropout applied (one mask per sample)."""
+        adapters = [name for name in image_adapters if name is not None]
+        return select_prompt_rows(self, image_adapters, adapters, prompt_norm, layout)
 
-        # Some samples take no prompts here ("__base__", or an adapter that does not prompt this layer): run them as
-        # their own group through the attention's own forward, so they see exactly the base computation.
-        row_adapters = [name for name in image_adapters for _ in range(windows_per_image)]
-        prompted = [i for i, name in enumerate(row_adapters) if name is not None]
-        plain = [i for i, name in enumerate(row_adapters) if name is None]
-        prompted_index = torch.tensor(prompted, device=hidden_states.device)
-        plain_index = torch.tensor(plain, device=hidden_states.device)
-        prompted_adapters = [name for name in image_adapters if name is not None]
-        keys, values = self._prompt_keys_values(attention, prompted_adapters, windows_per_image, hidden_states.dtype)
-        p_args, p_kwargs = _select_rows(args, kwargs, prompted_index, num_rows)
-        output_p, weights_p = layout_forward(
-            attention, hidden_states[prompted_index], keys, values, *p_args, **p_kwargs
-        )
-        n_args, n_kwargs = _select_rows(args, kwargs, plain_index, num_rows)
-        output_n, weights_n = attention_forward(attention, hidden_states[plain_index], *n_args, **n_kwargs)
-        order = torch.argsort(torch.cat([prompted_index, plain_index]))
-        output = torch.cat([output_p, output_n])[order]
-        weights = None
-        if weights_p is not None and weights_n is not None:
-            # Plain rows give no weight to the prompt keys (the last columns).
-            weights_n = nn.functional.pad(weights_n, (0, keys.shape[2]))
-            weights = torch.cat([weights_p, weights_n])[order]
-        return output, weights
 
-    def _prompt_keys_values(
-        self, attention: nn.Module, adapters: list[str], windows_per_image: int, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the prompts, (rows, heads, num_virtual_tokens, head_dim), for these samples' adapters."""
-        names = sorted(set(adapters))
-        sizes = {name: self.vpt_prompt[name].shape[0] for name in names}
-        if len(set(sizes.values())) > 1:
-            raise ValueError(f"A mixed batch needs the same num_virtual_tokens for every adapter, got {sizes}.")
-        p = max(self.vpt_dropout[name] for name in names)
-        device = self.vpt_prompt[names[0]].device
-        if self.training and p > 0:
-            # One dropout mask per sample (shared by its windows), as token-level prompts get.
-            prompts = nn.functional.dropout(torch.stack([self.vpt_prompt[name] for name in adapters]), p=p)
-            source = torch.arange(len(adapters), device=device)
-        else:
-            # Each adapter's keys/values once, then gathered per row: cheap when windows multiply the rows.
-            prompts = torch.stack([self.vpt_prompt[name] for name in names])
-            source = torch.tensor([names.index(name) for name in adapters], device=device)
-        tokens = self.prompt_norm(prompts.to(dtype))
-        shape = (*tokens.shape[:-1], -1, attention.head_dim)
-        keys = attention.k_proj(tokens).view(shape).transpose(1, 2)
-        values = attention.v_proj(tokens).view(shape).transpose(1, 2)
-        rows = source.repeat_interleave(windows_per_image)
-        return keys[rows], values[rows]
+@dataclass
+class PromptRows:
+    """What an attention layer needs to append the prompts of a batch to its keys and values.
+
+    `prompts` (m, num_virtual_tokens, width) are the distinct prompt sets (one per adapter, or one per sample when
+    dropout draws a mask per sample); `source` (number of prompted images,) says which set each prompted image uses;
+    `image_adapters` has one entry per image, None for an image that takes no prompts here; `norm` is the base's norm
+    that feeds the key/value projections; `layout` the attention layout (see `KeyValueBlock`).
+    """
+
+    prompts: torch.Tensor
+    source: torch.Tensor
+    image_adapters: list[str | None]
+    norm: nn.Module
+    layout: str
+
+
+def select_prompt_rows(
+    layer: VisualPromptLayer, image_adapters: list[str | None], adapters: list[str], norm: nn.Module, layout: str
+) -> PromptRows:
+    """`PromptRows` for the prompted images (`adapters`, in batch order) of `image_adapters`, from `layer`'s prompts."""
+    names = sorted(set(adapters))
+    sizes = {name: layer.vpt_prompt[name].shape[0] for name in names}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"A mixed batch needs the same num_virtual_tokens for every adapter, got {sizes}.")
+    p = max(layer.vpt_dropout[name] for name in names)
+    device = layer.vpt_prompt[names[0]].device
+    if layer.training and p > 0:
+        # One dropout mask per sample (shared by its windows), as token-level prompts get.
+        prompts = nn.functional.dropout(torch.stack([layer.vpt_prompt[name] for name in adapters]), p=p)
+        source = torch.arange(len(adapters), device=device)
+    else:
+        # Each adapter's keys/values once, then gathered per row: cheap when windows multiply the rows.
+        prompts = torch.stack([layer.vpt_prompt[name] for name in names])
+        source = torch.tensor([names.index(name) for name in adapters], device=device)
+    return PromptRows(prompts, source, list(image_adapters), norm, layout)
+
+
+class DeepKeyValuePromptLayer(VisualPromptLayer):
+    """Token-level prompts of a plain ViT block that run deep prompts through the block's attention only.
+
+    A deep prompt's own output is thrown away after its block, so all it gives the patch tokens is its key and value
+    in that block's attention (see `KeyValuePromptLayer`). This layer sits where `VisualPromptLayer` sits (the block's
+    `visual_prompt` child, same parameter names, so the same adapter files) but, when every prompted sample of the
+    batch is deep here, computes only that: `k_proj(norm1(prompts))` and `v_proj(norm1(prompts))` appended to the
+    keys and values of the block's own attention, with the model's own attention function (SDPA where the model uses
+    SDPA). The prompts' queries, attention rows, output projection and MLP, which VPT would compute and discard, are
+    never computed. Shallow prompts (whose outputs go on to the next block) take the token path of the parent class.
+
+    The prompts reach the attention as a keyword argument of the block's own forward (`vpt_prompt_rows`), which the
+    block passes on to its attention: so activation checkpointing, which replays the block's forward in the backward
+    pass, replays it with the same prompts.
+    """
+
+    def __init__(self, block: nn.Module, num_prefix_tokens: int, carry: PromptCarry, spec: KeyValueBlock) -> None:
+        super().__init__(block, num_prefix_tokens, carry)
+        self.layout = spec.layout
+        self.attention_name = spec.attention
+        # The norm belongs to the base model: referenced, not registered as a child (see `KeyValuePromptLayer`).
+        object.__setattr__(self, "prompt_norm", getattr(block, spec.norm))
+        attention = getattr(block, spec.attention)
+        attention.forward = types.MethodType(_deep_prompt_attention_forward, attention)
+
+    @staticmethod
+    def uninstall(block: nn.Module) -> None:
+        """Restore the block's and its attention's own forwards and remove the prompt layer."""
+        getattr(block, block.visual_prompt.attention_name).__dict__.pop("forward", None)
+        VisualPromptLayer.uninstall(block)
+
+    def runs_as_key_values(self, row_adapters: list[str | None]) -> bool:
+        """Whether this block call can skip the prompt tokens: every prompted sample's prompts end at this block."""
+        return all(name is None or self.vpt_role[name] == "insert" for name in row_adapters)
+
+    def forward(self, block: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        row_adapters = self._row_adapters(hidden_states.shape[0])
+        if (
+            row_adapters is None
+            or all(name is None for name in row_adapters)
+            or not self.runs_as_key_values(row_adapters)
+        ):
+            return super().forward(block, hidden_states, *args, **kwargs)
+        adapters = [name for name in row_adapters if name is not None]
+        rows = select_prompt_rows(self, row_adapters, adapters, self.prompt_norm, self.layout)
+        output = type(block).forward(block, hidden_states, *args, vpt_prompt_rows=rows, **kwargs)
+        self.carry.tokens = None  # nothing carries deep prompts to the next block
+        return output
+
+
+def _deep_prompt_attention_forward(
+    attention: nn.Module, hidden_states: torch.Tensor, *args: Any, vpt_prompt_rows: PromptRows | None = None, **kwargs
+):
+    if vpt_prompt_rows is None:
+        return type(attention).forward(attention, hidden_states, *args, **kwargs)
+    return attend_with_prompts(attention, hidden_states, vpt_prompt_rows, args, kwargs)
+
+
+def attend_with_prompts(
+    attention: nn.Module, hidden_states: torch.Tensor, rows: PromptRows, args: tuple, kwargs: dict
+) -> Any:
+    """`attention`'s forward with each image's prompts (`rows`) appended to its keys and values.
+
+    Attention rows are the images, or the windows of each image batch-major (Swin). Images without prompts run as
+    their own group through the attention's own forward, so they see exactly the base computation.
+    """
+    attention_forward = type(attention).forward
+    num_rows = hidden_states.shape[0]
+    windows_per_image = num_rows // len(rows.image_adapters)
+    layout_forward = LAYOUT_FORWARDS[rows.layout]
+    keys, values = _prompt_keys_values(attention, rows, windows_per_image, hidden_states.dtype)
+    if all(name is not None for name in rows.image_adapters):
+        return layout_forward(attention, hidden_states, keys, values, *args, **kwargs)
+
+    row_adapters = [name for name in rows.image_adapters for _ in range(windows_per_image)]
+    prompted_index = torch.tensor([i for i, n in enumerate(row_adapters) if n is not None], device=keys.device)
+    plain_index = torch.tensor([i for i, n in enumerate(row_adapters) if n is None], device=keys.device)
+    p_args, p_kwargs = _select_rows(args, kwargs, prompted_index, num_rows)
+    output_p, weights_p = layout_forward(attention, hidden_states[prompted_index], keys, values, *p_args, **p_kwargs)
+    n_args, n_kwargs = _select_rows(args, kwargs, plain_index, num_rows)
+    output_n, weights_n = attention_forward(attention, hidden_states[plain_index], *n_args, **n_kwargs)
+    order = torch.argsort(torch.cat([prompted_index, plain_index]))
+    output = torch.cat([output_p, output_n])[order]
+    weights = None
+    if weights_p is not None and weights_n is not None:
+        # Plain rows give no weight to the prompt keys (the last columns).
+        weights_n = nn.functional.pad(weights_n, (0, keys.shape[2]))
+        weights = torch.cat([weights_p, weights_n])[order]
+    return output, weights
+
+
+def _prompt_keys_values(
+    attention: nn.Module, rows: PromptRows, windows_per_image: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of the prompts, (prompted rows, heads, num_virtual_tokens, head_dim)."""
+    tokens = rows.norm(rows.prompts.to(dtype))
+    shape = (*tokens.shape[:-1], -1, attention.head_dim)
+    keys = attention.k_proj(tokens).view(shape).transpose(1, 2)
+    values = attention.v_proj(tokens).view(shape).transpose(1, 2)
+    num_rows = rows.source.numel() * windows_per_image
+    if keys.shape[0] == 1:
+        # One prompt set: a broadcast view, not one copy per row (the concatenation with the keys copies once anyway).
+        return keys.expand(num_rows, -1, -1, -1), values.expand(num_rows, -1, -1, -1)
+    index = rows.source.repeat_interleave(windows_per_image)
+    return keys[index], values[index]
 
 
 def _prompted_attention_forward(attention: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -131,6 +229,16 @@ def _prompted_attention_forward(attention: nn.Module, hidden_states: torch.Tenso
 def _global_attention(attention, hidden_states, prompt_keys, prompt_values, attention_mask=None, **kwargs):
     """DINOv2: keys and values come from the same tokens as the queries."""
     query, key, value = _project(attention, hidden_states, hidden_states)
+    return _attend(attention, hidden_states, query, key, value, prompt_keys, prompt_values, attention_mask, kwargs)
+
+
+def _rotary_attention(
+    attention, hidden_states, prompt_keys, prompt_values, attention_mask=None, position_embeddings=None, **kwargs
+):
+    """DINOv3: like DINOv2, with RoPE on the patch tokens' queries and keys; prompt keys have no position."""
+    query, key, value = _project(attention, hidden_states, hidden_states)
+    cos, sin = position_embeddings
+    query, key = dinov3_apply_rotary_pos_emb(query, key, cos, sin)
     return _attend(attention, hidden_states, query, key, value, prompt_keys, prompt_values, attention_mask, kwargs)
 
 
@@ -156,7 +264,12 @@ def _windowed_attention(attention, hidden_states, prompt_keys, prompt_values, at
     return _attend(attention, hidden_states, query, key, value, prompt_keys, prompt_values, mask, kwargs)
 
 
-LAYOUT_FORWARDS = {"global": _global_attention, "reduced": _reduced_attention, "windowed": _windowed_attention}
+LAYOUT_FORWARDS = {
+    "global": _global_attention,
+    "rotary": _rotary_attention,
+    "reduced": _reduced_attention,
+    "windowed": _windowed_attention,
+}
 
 
 def _project(attention, hidden_states, kv_states):
@@ -188,12 +301,17 @@ def _attend(attention, hidden_states, query, key, value, prompt_keys, prompt_val
         key,
         value,
         mask,
-        dropout=0.0 if not attention.training else attention.attention_dropout,
+        dropout=0.0 if not attention.training else _attention_dropout(attention),
         scaling=attention.scaling,
         **kwargs,
     )
     output = output.reshape(*hidden_states.shape[:-1], -1).contiguous()
     return attention.o_proj(output), weights
+
+
+def _attention_dropout(attention: nn.Module) -> float:
+    # DINOv2, SegFormer and Swin call it `attention_dropout`; DINOv3 calls it `dropout`.
+    return attention.attention_dropout if hasattr(attention, "attention_dropout") else attention.dropout
 
 
 # ----------------------------------------------------------------------------- targets

@@ -13,6 +13,8 @@ from torch import nn
 from .config import VisualPromptConfig
 
 BASE_ADAPTER_NAME = "__base__"  # in `adapter_names`, a sample that runs through the base model without prompts
+# What an adapter's prompts do at one block: see `VisualPromptLayer`.
+PROMPT_ROLES = ("insert", "start", "carry")
 
 
 class PromptCarry:
@@ -38,8 +40,9 @@ class VisualPromptLayer(nn.Module, BaseTunerLayer):
     everything outside the block (hidden-state capture, backbones, necks, gradient checkpointing) only ever sees the
     patch tokens, and `unload()` restores the block exactly.
 
-    Per adapter, a layer either inserts fresh prompts (`"insert"`: every block of deep VPT, the first block of
-    shallow VPT) or carries the previous block's prompt outputs (`"carry"`: later blocks of shallow VPT).
+    Per adapter, a layer plays one of three roles: `"insert"` (deep VPT: fresh prompts whose outputs are thrown away
+    after the block), `"start"` (the first block of shallow VPT: fresh prompts whose outputs go on to the next block)
+    or `"carry"` (later blocks of shallow VPT: the previous block's prompt outputs).
     """
 
     adapter_layer_names = ("vpt_prompt",)
@@ -61,9 +64,11 @@ class VisualPromptLayer(nn.Module, BaseTunerLayer):
     # ----------------------------------------------------------------- adapters
     def update_layer(self, adapter_name: str, config: VisualPromptConfig, role: str, hidden_size: int) -> None:
         """Add an adapter: prompts `(num_virtual_tokens, hidden_size)` where it inserts, nothing where it carries."""
+        if role not in PROMPT_ROLES:
+            raise ValueError(f"role must be one of {PROMPT_ROLES}, got {role!r}.")
         self.vpt_role[adapter_name] = role
         self.vpt_dropout[adapter_name] = config.prompt_dropout
-        if role == "insert":
+        if role != "carry":
             prompt = torch.empty(config.num_virtual_tokens, hidden_size)
             if config.prompt_init == "vpt":
                 bound = math.sqrt(6.0 / (3 * config.patch_size**2 + hidden_size))
@@ -121,7 +126,7 @@ class VisualPromptLayer(nn.Module, BaseTunerLayer):
         sizes = {n: self.vpt_prompt[n].shape[0] if n in self.vpt_prompt else self.carry.tokens.shape[1] for n in names}
         if len(set(sizes.values())) > 1:
             raise ValueError(f"A mixed batch needs the same num_virtual_tokens for every adapter, got {sizes}.")
-        if len(names) == 1 and self.vpt_role[names[0]] == "insert":
+        if len(names) == 1 and self.vpt_role[names[0]] != "carry":
             # One center: expand one tensor rather than stacking per sample.
             prompts = self.vpt_prompt[names[0]].unsqueeze(0).expand(len(rows), -1, -1)
         elif len(names) == 1:
@@ -129,15 +134,15 @@ class VisualPromptLayer(nn.Module, BaseTunerLayer):
         else:
             prompts = torch.stack(
                 [
-                    self.vpt_prompt[name] if self.vpt_role[name] == "insert" else self.carry.tokens[row_index[i]]
+                    self.vpt_prompt[name] if self.vpt_role[name] != "carry" else self.carry.tokens[row_index[i]]
                     for i, name in enumerate(rows)
                 ]
             )
         # Dropout applies to freshly inserted prompts only, with one mask per sample.
-        inserting = [name for name in names if self.vpt_role[name] == "insert"]
+        inserting = [name for name in names if self.vpt_role[name] != "carry"]
         p = max((self.vpt_dropout[name] for name in inserting), default=0.0)
         if self.training and p > 0:
-            inserted = torch.tensor([self.vpt_role[name] == "insert" for name in rows], device=prompts.device)
+            inserted = torch.tensor([self.vpt_role[name] != "carry" for name in rows], device=prompts.device)
             prompts = torch.where(inserted[:, None, None], nn.functional.dropout(prompts, p=p), prompts)
         return prompts
 

@@ -12,9 +12,9 @@ from peft.tuners.tuners_utils import BaseTuner, _get_submodules
 from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from torch import nn
 
-from .architectures import describe_base, describe_key_value_base, find_blocks
+from .architectures import DEEP_KEY_VALUE_BLOCKS, describe_base, describe_key_value_base, find_blocks
 from .config import VisualPromptConfig
-from .kv_layer import KeyValuePromptLayer, key_value_targets
+from .kv_layer import DeepKeyValuePromptLayer, KeyValuePromptLayer, key_value_targets
 from .layer import BASE_ADAPTER_NAME, PromptCarry, VisualPromptLayer
 
 # Fields resolved from the base; a mismatch with a loaded adapter means the prompts would mean nothing there.
@@ -95,7 +95,7 @@ class VisualPromptModel(BaseTuner):
             # Shallow prompts enter once and are carried by every later block.
             first = layers[0]
             self._targets = {
-                name: "insert" if i == first else "carry" for i, (name, _) in enumerate(blocks) if i >= first
+                name: "start" if i == first else "carry" for i, (name, _) in enumerate(blocks) if i >= first
             }
 
     def _check_target_module_exists(self, peft_config: VisualPromptConfig, key: str) -> bool:
@@ -113,7 +113,12 @@ class VisualPromptModel(BaseTuner):
             layer.update_layer(adapter_name, peft_config, "insert", target.k_proj.in_features)
         else:
             if layer is None:
-                layer = VisualPromptLayer(target, peft_config.num_prefix_tokens, self._carry)
+                spec = DEEP_KEY_VALUE_BLOCKS.get(type(target).__name__)
+                if spec is not None:
+                    # Deep prompts here run as keys/values of the block's attention (same parameters and outputs).
+                    layer = DeepKeyValuePromptLayer(target, peft_config.num_prefix_tokens, self._carry, spec)
+                else:
+                    layer = VisualPromptLayer(target, peft_config.num_prefix_tokens, self._carry)
                 target.visual_prompt = layer
                 layer.set_adapter(self.active_adapters)
             layer.update_layer(adapter_name, peft_config, self._targets[current_key], peft_config.hidden_size)
