@@ -16,6 +16,7 @@ import csv
 import json
 import math
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +28,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .data import collate_segmentation
-from .metrics import aggregate_by_center, dice_per_class, hd95, mean_foreground
+from .metrics import dice_per_class, hd95
+from .storage import ADAPTER_CONFIG_NAME, EVALUATION_FILENAME, is_adapter_folder, load_base
 
-# The recipes write this file next to each fine-tuned model (see peft_medseg.hub.evaluation).
-EVALUATION_FILENAME = "evaluation.json"
 BASE_ROW = "base"
 ROUTED_ROW = "routed"
 # Row name for the base in mixed-center batches (see peft_medseg.BASE_ADAPTER_NAME).
@@ -56,49 +56,96 @@ def evaluate_segmentation(
     adapter_for_center: Callable[[str], str] | None = None,
     compute_hd95: bool = True,
     ignore_index: int = 255,
-) -> dict[str, dict[str, float]]:
-    """Per-center scores `{center: {"dice": float, "hd95": float}}` of `model` on a transformed dataset.
+) -> dict[str, dict[str, float | list[int]]]:
+    """Per-center scores `{center: {"dice", "hd95", "absent_classes"}}` of `model` on a transformed dataset.
 
     `dataset` rows have `pixel_values`, `labels` and `center` (a `set_transform`ed split). Each image scores the mean
-    Dice over foreground classes (a class absent from both prediction and reference scores 1) and the mean HD95 over
-    the foreground classes where it is defined (NaN when none is); centers average their images. With
-    `adapter_for_center`, each row is routed through the adapter named for its center in one mixed batch.
+    Dice over the foreground classes of its center (a class absent from both prediction and reference of that image
+    scores 1) and the mean HD95 over those where it is defined (NaN when none is); centers average their images.
+    A class that appears in no reference and no prediction of a center is left out of that center's means, and
+    listed in `absent_classes`: it would otherwise add a perfect 1 to every image and inflate the score.
+    With `adapter_for_center`, each row is routed through the adapter named for its center in one mixed batch.
     The model is put in eval mode, and put back in its previous mode afterwards.
+
+    Raises a `ValueError` when the model predicts another number of classes than `num_labels`, or a reference
+    holds a label id outside `0..num_labels-1` (other than `ignore_index`), naming the center and the row.
     """
+    model_labels = getattr(getattr(model, "config", None), "num_labels", None)
+    if model_labels is not None and model_labels != num_labels:
+        raise ValueError(f"the model predicts {model_labels} classes, but the scores were asked for {num_labels}.")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_segmentation)
     dice_scores, hd95_scores, centers = [], [], []
+    present: dict[str, np.ndarray] = {}  # per center: which classes occur in some reference or prediction
+    row = 0
     for batch in loader:
         names = [adapter_for_center(c) for c in batch["center"]] if adapter_for_center else None
         predictions = predict(model, batch["pixel_values"].to(device), names).cpu().numpy()
         references = batch["labels"].numpy()
-        for prediction, reference, center in zip(predictions, references, batch["center"]):
-            dice_scores.append(mean_foreground(dice_per_class(prediction, reference, num_labels, ignore_index)))
+        ids = batch.get("id") or batch.get("case_id") or [str(row + i) for i in range(len(references))]
+        for prediction, reference, center, sample in zip(predictions, references, batch["center"], ids):
+            values = np.unique(reference)
+            bad = values[((values < 0) | (values >= num_labels)) & (values != ignore_index)]
+            if bad.size:
+                raise ValueError(
+                    f"center {center!r}, sample {sample!r}: reference label {int(bad[0])} outside 0..{num_labels - 1}; "
+                    "the data's label set does not match the model's num_labels."
+                )
+            seen = present.setdefault(center, np.zeros(num_labels, dtype=bool))
+            seen[np.unique(prediction[(prediction >= 0) & (prediction < num_labels)])] = True
+            seen[values[(values >= 0) & (values < num_labels)]] = True
+            dice_scores.append(dice_per_class(prediction, reference, num_labels, ignore_index))
             if compute_hd95:
-                hd95_scores.append(mean_foreground(hd95(prediction, reference, num_labels, ignore_index=ignore_index)))
+                hd95_scores.append(hd95(prediction, reference, num_labels, ignore_index=ignore_index))
             centers.append(center)
+        row += len(references)
     model.train(was_training)
-    dice_by_center = aggregate_by_center(dice_scores, centers)
-    hd95_by_center = aggregate_by_center(hd95_scores, centers) if compute_hd95 else {}
-    return {
-        str(center): {"dice": float(dice), "hd95": float(hd95_by_center.get(center, math.nan))}
-        for center, dice in dice_by_center.items()
-    }
+    scores = {}
+    for center in sorted(present, key=str):
+        rows = [i for i, c in enumerate(centers) if c == center]
+        kept = [label for label in range(1, num_labels) if present[center][label]]
+        absent = [label for label in range(1, num_labels) if not present[center][label]]
+        dice = _mean_of_kept(dice_scores, rows, kept)
+        hd = _mean_of_kept(hd95_scores, rows, kept) if compute_hd95 else math.nan
+        scores[str(center)] = {"dice": dice, "hd95": hd, "absent_classes": absent}
+    return scores
+
+
+def _mean_of_kept(per_class: list[np.ndarray], rows: list[int], kept: list[int]) -> float:
+    """Mean over `rows` of each row's NaN-aware mean over the `kept` classes (NaN when nothing is kept)."""
+    if not kept:
+        return math.nan
+    table = np.array([per_class[i][kept] for i in rows])  # (images, kept classes)
+    with warnings.catch_warnings():  # all-NaN rows (HD95 undefined everywhere) give NaN, as documented
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(np.nanmean(np.nanmean(table, axis=1)))
 
 
 def mean_dice(scores: dict[str, dict[str, float]]) -> float:
     """Mean over centers of the per-center Dice: the validation criterion of multi-center training."""
-    return float(np.mean([value["dice"] for value in scores.values()]))
+    return float(np.nanmean([value["dice"] for value in scores.values()]))
 
 
-def json_scores(scores: dict[str, dict[str, float]]) -> dict[str, dict[str, float | None]]:
-    """Scores for a JSON file: an undefined HD95 (NaN: an empty prediction) becomes null."""
-    return {
-        center: {key: (None if value is None or not math.isfinite(value) else value) for key, value in cell.items()}
-        for center, cell in scores.items()
-    }
+def json_scores(scores: dict[str, dict]) -> dict[str, dict]:
+    """Scores for a JSON file: an undefined value (NaN, e.g. the HD95 of an empty prediction) becomes null."""
+
+    def plain(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        return value
+
+    return {center: {key: plain(value) for key, value in cell.items()} for center, cell in scores.items()}
+
+
+def absent_classes_note(scores: dict[str, dict]) -> str:
+    """A sentence naming the classes left out of the scores because no reference or prediction had them."""
+    absent = {c: s.get("absent_classes") for c, s in scores.items() if s.get("absent_classes")}
+    if not absent:
+        return ""
+    listed = "; ".join(f"{center}: {classes}" for center, classes in sorted(absent.items()))
+    return f"Classes absent from every reference and prediction, left out of the means: {listed}."
 
 
 @dataclass
@@ -147,7 +194,9 @@ class CenterMatrix:
                 cells.append(f"**{text}**" if center in row.adapted else text)
             forgetting = "" if row.name == BASE_ROW else f"{self.forgetting(row):+.3f}"
             lines.append(f"| {row.name} | {row.method} | " + " | ".join(cells) + f" | {forgetting} |")
-        return "\n".join(lines) + "\n\nCells: mean foreground Dice / HD95 (pixels); bold: the model's own center.\n"
+        notes = {absent_classes_note(row.scores) for row in self.rows} - {""}
+        footer = "\n\nCells: mean foreground Dice / HD95 (pixels); bold: the model's own center.\n"
+        return "\n".join(lines) + footer + "".join(f"\n{note}\n" for note in sorted(notes))
 
     def write_csv(self, path: str | Path) -> None:
         """One line per (row, test center): model, method, adapted_center, test_center, dice, hd95, forgetting."""
@@ -192,15 +241,13 @@ class TrainedModel:
 
 def describe_model_folder(path: str | Path) -> TrainedModel:
     """Read a folder written by `finetune_center.py`: its center and method from evaluation.json when present."""
-    from .training.saving import is_adapter_folder
-
     path = Path(path)
     info = {}
     if (path / EVALUATION_FILENAME).is_file():
         info = json.loads((path / EVALUATION_FILENAME).read_text())
     peft_type = None
     if is_adapter_folder(path):
-        peft_type = json.loads((path / "adapter_config.json").read_text()).get("peft_type")
+        peft_type = json.loads((path / ADAPTER_CONFIG_NAME).read_text()).get("peft_type")
     method = info.get("method") or ("adapter" if peft_type else "full")
     center = info.get("center")
     name = f"{method}:{center}" if center else path.name
@@ -223,9 +270,6 @@ def center_matrix(
     which callers reuse for overlays.
     """
     from peft import PeftModel
-
-    # Imported here: the training package imports this module. Importing peft_medseg registers the prompt type.
-    from .training.saving import load_base
 
     centers = sorted({str(c) for c in test_dataset["center"]})
     base, _ = load_base(base_model)
@@ -267,6 +311,7 @@ __all__ = [
     "CenterMatrix",
     "MatrixRow",
     "TrainedModel",
+    "absent_classes_note",
     "center_matrix",
     "describe_model_folder",
     "evaluate_segmentation",

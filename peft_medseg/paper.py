@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from .evaluation import evaluate_segmentation
 from .models import build_image_processor
 from .profiling import peak_memory_mb
+from .storage import atomic_directory, check_safe_name
 from .training import (
     PEFT_METHODS,
     TrainingConfig,
@@ -45,7 +46,6 @@ from .training import (
     segmentation_loss,
     set_train_mode,
 )
-from .training.saving import atomic_directory
 from .visual_prompt import BASE_ADAPTER_NAME
 
 PAPER_METHODS = ("direct", "classifier", "decoder", "full", "vpt-shallow", "vpt-deep", "vpt-deep-norms", "lora")
@@ -203,9 +203,15 @@ def _memory_probe(base_dir: str, method: str, batch_size: int, num_virtual_token
 def run_protocol(cfg: ProtocolConfig, output_dir: str | Path, progress=print) -> list[dict]:
     """Every run of the protocol; rows are appended to `output_dir/runs.jsonl` as they finish (a resumable log)."""
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     data, id2label = load_multicenter_dataset(cfg.dataset, cfg.centers)
     num_labels = len(id2label)
+    centers = set(data["train"]["center"])
+    for held_out in cfg.held_out:
+        # Held-out names become folder names: only safe names, and only centers of the data.
+        check_safe_name(held_out, "held-out center")
+        if held_out not in centers:
+            raise ValueError(f"held-out center {held_out!r} is not in the data; centers: {sorted(centers)}.")
+    output_dir.mkdir(parents=True, exist_ok=True)
     log = output_dir / "runs.jsonl"
     done = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     key = lambda r: (r["held_out"], r["method"], r["seed"], r["num_train_cases"])  # noqa: E731

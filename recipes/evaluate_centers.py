@@ -19,7 +19,9 @@ import torch
 
 from peft_medseg.evaluation import BASE_ADAPTER, center_matrix, json_scores, predict
 from peft_medseg.plots import plot_dice_heatmap, plot_overlays
-from peft_medseg.training import eval_transform, load_base, load_multicenter_dataset
+from peft_medseg.storage import claim_output_dir
+from peft_medseg.training import eval_transform, load_base, load_multicenter_dataset, parse_label_map
+from peft_medseg.training.cli import run_recipe
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--dataset", default="synthetic", help="'synthetic', a folder <root>/<center>/images|masks or a datasets id."
     )
     parser.add_argument("--centers", nargs="+", default=None, help="Test centers (default: all).")
+    parser.add_argument("--label_map", nargs="+", default=None, metavar="VALUE=ID", help="e.g. 255=1 for 0/255 masks.")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--num_overlays", type=int, default=2, help="Test images per center in overlays.png.")
     parser.add_argument("--output_dir", required=True)
@@ -40,12 +43,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    _, processor = load_base(args.base_model)
-    base_config = json.loads((Path(args.base_model) / "config.json").read_text())
-    num_labels = len(base_config["id2label"])
-    data, _ = load_multicenter_dataset(args.dataset, args.centers, num_labels)
+    base, processor = load_base(args.base_model)
+    num_labels = base.config.num_labels
+    data, _ = load_multicenter_dataset(
+        args.dataset, args.centers, num_labels, label_map=parse_label_map(args.label_map)
+    )
+    for folder in args.models:
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"{folder}: no such model folder (--models takes folders of finetune_center.py).")
+    with claim_output_dir(args.output_dir) as output_dir:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_matrix(args, data, processor, num_labels, output_dir)
+
+
+def write_matrix(args, data, processor, num_labels: int, output_dir: Path) -> None:
     test = data["test"]
     test.set_transform(eval_transform(processor))
 
@@ -87,4 +98,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

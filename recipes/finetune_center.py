@@ -21,8 +21,10 @@ Writes <output_dir>/ (the adapter, or the full model) with evaluation.json: Dice
 from __future__ import annotations
 
 import argparse
+from contextlib import ExitStack
 
-from peft_medseg.evaluation import evaluate_segmentation, json_scores
+from peft_medseg.evaluation import absent_classes_note, evaluate_segmentation, json_scores
+from peft_medseg.storage import claim_output_dir
 from peft_medseg.training import (
     METHODS,
     VPT_METHODS,
@@ -32,10 +34,16 @@ from peft_medseg.training import (
     load_base,
     load_multicenter_dataset,
     make_accelerator,
+    parse_label_map,
     save_finetuned,
     uses_gradient_checkpointing,
 )
-from peft_medseg.training.cli import add_data_arguments, add_training_arguments, training_config_from_args
+from peft_medseg.training.cli import (
+    add_data_arguments,
+    add_training_arguments,
+    run_recipe,
+    training_config_from_args,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,20 +91,41 @@ def main(argv: list[str] | None = None) -> None:
     accelerator = make_accelerator(
         args.mixed_precision, args.gradient_accumulation_steps, args.report_to, args.output_dir
     )
+    # Everything that can be checked is checked before training: the base, the data and its labels, the centers,
+    # and the output folders (writable, and not being written by another run).
     base, processor = load_base(args.base_model)
     num_labels = base.config.num_labels
-    data, _ = load_multicenter_dataset(args.dataset, num_labels=num_labels)
+    data, _ = load_multicenter_dataset(args.dataset, num_labels=num_labels, label_map=parse_label_map(args.label_map))
     new_center = args.new_center
     if new_center is None:
         from peft_medseg.data.synthetic import HELD_OUT_CENTER
 
         new_center = HELD_OUT_CENTER
+    test_centers = sorted(set(data["test"]["center"]))
+    if new_center not in test_centers:
+        raise ValueError(f"--new_center {new_center!r}: no test rows to score it on; centers: {test_centers}.")
+    if new_center not in set(data["train"]["center"]):
+        raise ValueError(
+            f"--new_center {new_center!r}: no training rows; centers: {sorted(set(data['train']['center']))}."
+        )
+    if args.eval_centers:
+        unknown = sorted(set(args.eval_centers) - set(test_centers))
+        if unknown:
+            raise ValueError(f"--eval_centers {unknown}: no test rows; centers with test rows: {test_centers}.")
+        if new_center not in args.eval_centers:
+            raise ValueError(
+                f"--eval_centers {args.eval_centers} leaves out the new center {new_center!r}, whose test Dice "
+                "the adapter is judged by: add it."
+            )
     learning_rate = args.learning_rate or default_learning_rate(args.method)
     config = training_config_from_args(args, learning_rate)
-    if args.report_to:
-        hparams = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers("finetune_center", hparams)
-    try:
+    with ExitStack() as claims:
+        if accelerator.is_main_process:
+            claims.enter_context(claim_output_dir(args.output_dir))
+            claims.enter_context(claim_output_dir(config.checkpoint_dir))
+        if args.report_to:
+            hparams = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+            accelerator.init_trackers("finetune_center", hparams)
         outcome = finetune_center(
             base,
             processor,
@@ -114,12 +143,13 @@ def main(argv: list[str] | None = None) -> None:
             augment=not args.no_augmentation,
             gradient_checkpointing=args.gradient_checkpointing,
         )
-    except ValueError as error:
-        raise SystemExit(str(error)) from error
-    accelerator.end_training()
-    if not accelerator.is_main_process:
-        return
+        accelerator.end_training()
+        if accelerator.is_main_process:
+            save_evaluated(args, outcome, data, processor, num_labels, new_center, learning_rate)
 
+
+def save_evaluated(args, outcome, data, processor, num_labels: int, new_center: str, learning_rate: float) -> None:
+    """Score the fine-tuned model on every test center and save it with evaluation.json, atomically."""
     model, result = outcome.model, outcome.result
     trainable, total = outcome.trainable_parameters, outcome.total_parameters
     test = data["test"]
@@ -149,7 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     }
     save_finetuned(model, args.output_dir, processor, evaluation)
     print(f"Saved {args.method} for {new_center} to {args.output_dir}: test Dice {scores[new_center]['dice']:.3f}.")
+    if note := absent_classes_note(scores):
+        print(note)
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
+from contextlib import ExitStack
 
 from peft_medseg.models import build_image_processor
-from peft_medseg.training import (
-    atomic_directory,
-    load_multicenter_dataset,
-    make_accelerator,
-    pretrain_base,
+from peft_medseg.storage import atomic_directory, claim_output_dir
+from peft_medseg.training import load_multicenter_dataset, make_accelerator, parse_label_map, pretrain_base
+from peft_medseg.training.cli import (
+    add_data_arguments,
+    add_training_arguments,
+    run_recipe,
+    training_config_from_args,
 )
-from peft_medseg.training.cli import add_data_arguments, add_training_arguments, training_config_from_args
 
 # Training from scratch (tiny/small) wants a higher rate than fine-tuning a pretrained Hub backbone.
 DEFAULT_LEARNING_RATE = 1e-3
@@ -46,10 +48,20 @@ def main(argv: list[str] | None = None) -> None:
     accelerator = make_accelerator(
         args.mixed_precision, args.gradient_accumulation_steps, args.report_to, args.output_dir
     )
-    data, id2label = load_multicenter_dataset(args.dataset, args.centers, args.num_labels)
+    data, id2label = load_multicenter_dataset(
+        args.dataset, args.centers, args.num_labels, label_map=parse_label_map(args.label_map)
+    )
     num_labels = len(id2label)
     processor = build_image_processor(args.image_size)
     config = training_config_from_args(args, args.learning_rate or DEFAULT_LEARNING_RATE)
+    with ExitStack() as claims:
+        if accelerator.is_main_process:  # checked before training: a full or read-only disk fails now, not later
+            claims.enter_context(claim_output_dir(args.output_dir))
+            claims.enter_context(claim_output_dir(config.checkpoint_dir))
+        train_and_save(args, data, id2label, num_labels, processor, config, accelerator)
+
+
+def train_and_save(args, data, id2label, num_labels, processor, config, accelerator) -> None:
     if args.report_to:
         accelerator.init_trackers(
             "pretrain_base", {k: v for k, v in vars(args).items() if v is None or isinstance(v, (int, float, str))}
@@ -83,4 +95,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

@@ -15,11 +15,11 @@ The Hub is reached through `huggingface_hub` (token from `HF_TOKEN` or `hf auth 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from peft_medseg.hub import prepare_upload_folder, push_adapter_to_hub
 from peft_medseg.hub.card import DEFAULT_LICENSE
+from peft_medseg.training.cli import run_recipe
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,4 +81,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_recipe(main)

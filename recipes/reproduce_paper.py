@@ -17,7 +17,9 @@ import argparse
 
 from peft_medseg.paper import PAPER_METHODS, ProtocolConfig, run_protocol
 from peft_medseg.paper_report import summarize
+from peft_medseg.storage import claim_output_dir
 from peft_medseg.training import METHODS
+from peft_medseg.training.cli import run_recipe
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,11 +64,11 @@ def parse_learning_rates(pairs: list[str]) -> dict[str, float]:
     for pair in pairs:
         method, _, value = pair.partition("=")
         if method not in METHODS or not value:
-            raise SystemExit(f"--learning_rate {pair!r}: expected METHOD=LR with METHOD in {list(METHODS)}.")
+            raise ValueError(f"--learning_rate {pair!r}: expected METHOD=LR with METHOD in {list(METHODS)}.")
         try:
             rates[method] = float(value)
         except ValueError:
-            raise SystemExit(f"--learning_rate {pair!r}: {value!r} is not a number.") from None
+            raise ValueError(f"--learning_rate {pair!r}: {value!r} is not a number.") from None
     return rates
 
 
@@ -95,10 +97,11 @@ def main(argv=None) -> None:
     )
     if args.quick:
         cfg.seeds, cfg.few_shot_cases, cfg.pretrain_epochs, cfg.finetune_epochs = (0,), (None,), 15, 8
-    rows = run_protocol(cfg, args.output_dir)
-    print(summarize(rows, args.output_dir))
+    with claim_output_dir(args.output_dir):
+        rows = run_protocol(cfg, args.output_dir)
+        print(summarize(rows, args.output_dir))
     print(f"Wrote {args.output_dir}/summary.md, summary.csv, runs.csv and figure PNGs.")
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

@@ -35,7 +35,8 @@ def test_perfect_predictions_score_dice_one_and_hd95_zero_per_center():
         labels[4:9, 4:9], labels[10:14, 2:6] = 1, 2
         rows.append({"pixel_values": labels.float().expand(3, 16, 16), "labels": labels, "center": center})
     scores = evaluate_segmentation(Oracle(), rows, NUM_LABELS)
-    assert scores == {"A": {"dice": 1.0, "hd95": 0.0}, "B": {"dice": 1.0, "hd95": 0.0}}
+    perfect = {"dice": 1.0, "hd95": 0.0, "absent_classes": []}
+    assert scores == {"A": perfect, "B": perfect}
     rows[1]["labels"] = torch.zeros_like(rows[1]["labels"])  # B's reference has no foreground: prediction all wrong
     scores = evaluate_segmentation(Oracle(), rows, NUM_LABELS)
     assert scores["A"]["dice"] == 1.0 and scores["B"]["dice"] == 0.0 and np.isnan(scores["B"]["hd95"])

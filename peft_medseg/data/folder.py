@@ -9,8 +9,10 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict, Features, Image, Value
 
 from .splits import hash_split
-from .validation import DataValidationError, validate_pair
+from .validation import DataValidationError, check_safe_name, validate_pair
 
+# The splits a dataset may have; any other name in a manifest is a typo that no recipe would read.
+SPLITS = ("train", "validation", "test")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 SEGMENTATION_FEATURES = Features(
@@ -25,14 +27,21 @@ SEGMENTATION_FEATURES = Features(
 
 
 def _center_dirs(root: Path) -> list[str]:
-    return sorted(p.name for p in root.iterdir() if (p / "images").is_dir())
+    return sorted(
+        check_safe_name(p.name, f"{p}: center folder name") for p in root.iterdir() if (p / "images").is_dir()
+    )
 
 
 def _images_by_id(images_dir: Path) -> dict[str, Path]:
-    images = {}
+    images: dict[str, Path] = {}
     for path in sorted(images_dir.iterdir()):
         if path.suffix.lower() in IMAGE_EXTENSIONS:
-            images.setdefault(path.stem, path)
+            if path.stem in images:
+                # x.png next to x.jpg: which one the mask x.png belongs to is a guess; refuse to guess.
+                raise DataValidationError(
+                    f"{images[path.stem]} and {path}: two images for id {path.stem!r}; keep one image per id."
+                )
+            images[path.stem] = path
     return images
 
 
@@ -42,11 +51,25 @@ def _read_manifest(path: Path) -> list[dict[str, str]]:
     for column in ("center", "id", "split"):
         if rows and column not in rows[0]:
             raise DataValidationError(f"{path}: missing column {column!r}; found columns {list(rows[0])}.")
+    seen: dict[tuple[str, str], int] = {}
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
+        if row["split"] not in SPLITS:
+            raise DataValidationError(
+                f"{path}, line {line}: split {row['split']!r} for id {row['id']!r}; expected one of {list(SPLITS)}."
+            )
+        key = (row["center"], row["id"])
+        if key in seen:
+            raise DataValidationError(
+                f"{path}, lines {seen[key]} and {line}: id {row['id']!r} of center {row['center']!r} is listed twice "
+                "(a sample must be in exactly one split)."
+            )
+        seen[key] = line
+        check_safe_name(row["center"], f"{path}, line {line}: center name")
     return rows
 
 
 def _ordered_splits(names: set[str]) -> list[str]:
-    return [n for n in ("train", "validation", "test") if n in names] + sorted(names - {"train", "validation", "test"})
+    return [n for n in SPLITS if n in names]
 
 
 def load_folder_dataset(

@@ -15,7 +15,7 @@ from datasets import Sequence as SequenceFeature
 from PIL import Image as PILImage
 
 from .splits import hash_split
-from .validation import DataValidationError, check_label_values
+from .validation import DataValidationError, check_label_values, check_safe_name
 
 NIFTI_FEATURES = Features(
     {
@@ -45,11 +45,16 @@ def _case_name(path: Path) -> str | None:
     return None
 
 
+# Largest difference (mm) between an image's and its label's affine that still counts as the same geometry.
+AFFINE_TOLERANCE_MM = 1e-3
+
+
 def _load_volume(path: Path):
     nibabel = _nibabel()
     try:
         volume = nibabel.load(str(path))
-        return np.asanyarray(volume.dataobj), tuple(float(z) for z in volume.header.get_zooms()[:3])
+        array = np.asanyarray(volume.dataobj)
+        return array, tuple(float(z) for z in volume.header.get_zooms()[:3]), np.asarray(volume.affine)
     except Exception as error:  # noqa: BLE001 - nibabel raises many types; all mean "cannot read this file"
         raise DataValidationError(f"{path}: unreadable NIfTI file ({error}).") from error
 
@@ -81,7 +86,9 @@ def load_nifti_dataset(
     root = Path(root)
     if not root.is_dir():
         raise DataValidationError(f"{root}: dataset folder not found.")
-    available = sorted(p.name for p in root.iterdir() if (p / "images").is_dir())
+    available = sorted(
+        check_safe_name(p.name, f"{p}: center folder name") for p in root.iterdir() if (p / "images").is_dir()
+    )
     if centers is not None:
         missing = [center for center in centers if center not in available]
         if missing:
@@ -105,13 +112,19 @@ def load_nifti_dataset(
                 raise DataValidationError(
                     f"{root / center / 'labels' / case}.nii.gz: missing label volume for {image_path}."
                 )
-            image, spacing = _load_volume(image_path)
-            labels, _ = _load_volume(label_path)
+            image, spacing, image_affine = _load_volume(image_path)
+            labels, label_spacing, label_affine = _load_volume(label_path)
             if image.ndim != 3:
                 raise DataValidationError(f"{image_path}: volume has shape {image.shape}, expected 3D.")
             if image.shape != labels.shape:
                 raise DataValidationError(
                     f"{label_path}: label volume shape {labels.shape} differs from image shape {image.shape} ({image_path})."
+                )
+            if not np.allclose(image_affine, label_affine, atol=AFFINE_TOLERANCE_MM):
+                raise DataValidationError(
+                    f"{label_path}: affine differs from its image's ({image_path}) by up to "
+                    f"{np.abs(image_affine - label_affine).max():.4g} mm (spacing {label_spacing} vs {spacing}): the "
+                    "label does not lie on the image's voxels. Resample it onto the image first."
                 )
             if not np.array_equal(labels, np.round(labels)):
                 raise DataValidationError(f"{label_path}: label volume holds non-integer values, expected class ids.")

@@ -7,9 +7,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .. import storage
+
 
 class DataValidationError(ValueError):
     """A sample that cannot be used: missing or unreadable file, size mismatch, label id out of range."""
+
+
+def check_safe_name(name, what: str = "center name") -> str:
+    """`storage.check_safe_name`, raising `DataValidationError`: names from data become parts of output paths."""
+    try:
+        return storage.check_safe_name(name, what)
+    except ValueError as error:
+        raise DataValidationError(str(error)) from None
 
 
 def check_label_values(labels: np.ndarray, num_labels: int | None, ignore_index: int | None, source: str) -> None:
@@ -49,10 +59,10 @@ def image_size(path: str | Path) -> tuple[int, int]:
     try:
         with Image.open(path) as image:
             size = image.size
-            # verify() walks the file's chunks without decoding pixels: catches truncated files cheaply.
-            image.verify()
+            # Decode every pixel: verify() alone passes a truncated JPEG, which then fails mid-training.
+            image.load()
         return size
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise DataValidationError(f"{path}: unreadable image file ({error}).") from error
 
 

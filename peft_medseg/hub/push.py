@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -13,11 +12,10 @@ from typing import Any
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi
 from safetensors import safe_open
 
+from ..storage import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, atomic_directory
 from .card import DEFAULT_LICENSE, render_adapter_card, validate_card_metadata
 from .evaluation import EVALUATION_FILENAME, read_evaluation
 
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 CARD_NAME = "README.md"
 PEFT_TYPE = "VISUAL_PROMPT"
 # Saved prompt tensors have this in their key: one (num_virtual_tokens, hidden_size) tensor per prompted block.
@@ -170,27 +168,13 @@ def prepare_upload_folder(
     output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite:
         raise FileExistsError(f"{output_dir}: already exists. Remove it, or pass overwrite=True (--overwrite).")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".partial", dir=output_dir.parent))
-    try:
+    with atomic_directory(output_dir) as staging:
         shutil.copyfile(check.adapter_dir / ADAPTER_CONFIG_NAME, staging / ADAPTER_CONFIG_NAME)
         shutil.copyfile(check.adapter_dir / ADAPTER_WEIGHTS_NAME, staging / ADAPTER_WEIGHTS_NAME)
         (staging / CARD_NAME).write_text(str(card), encoding="utf-8")
         if evaluation_path is not None:
             # The file as the recipe wrote it, byte for byte: the card is the summary, this is the record.
             shutil.copyfile(evaluation_path, staging / EVALUATION_FILENAME)
-        os.chmod(staging, 0o755)  # mkdtemp makes it 0o700
-        if output_dir.exists():
-            # Move the old folder aside first: a directory cannot be replaced by rename while it has files.
-            retired = output_dir.with_name(f".{output_dir.name}.{staging.name}.old")
-            os.rename(output_dir, retired)
-            os.rename(staging, output_dir)
-            shutil.rmtree(retired)
-        else:
-            os.rename(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return output_dir
 
 

@@ -1,9 +1,12 @@
 """Training for multi-center segmentation: methods (VPT, LoRA, partial, full), loss, data setup and the loop."""
 
+from ..storage import atomic_directory, is_adapter_folder, load_base, load_finetuned, save_finetuned
+from .checkpoint import trainable_state
 from .data import (
     SYNTHETIC,
     eval_transform,
     load_multicenter_dataset,
+    parse_label_map,
     restrict_centers,
     split_validation,
     train_transform,
@@ -15,7 +18,6 @@ from .loop import (
     latest_checkpoint,
     make_accelerator,
     train_segmentation,
-    trainable_state,
 )
 from .loss import segmentation_loss
 from .methods import (
@@ -33,7 +35,6 @@ from .methods import (
     set_train_mode,
     uses_gradient_checkpointing,
 )
-from .saving import atomic_directory, is_adapter_folder, load_base, load_finetuned, save_finetuned
 
 __all__ = [
     "CLASSIFIER_MODULE",
@@ -59,6 +60,7 @@ __all__ = [
     "load_finetuned",
     "load_multicenter_dataset",
     "make_accelerator",
+    "parse_label_map",
     "prepare_model",
     "pretrain_base",
     "restrict_centers",

@@ -3,8 +3,34 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable
 
 from .loop import TrainingConfig
+
+DEBUG_FLAG = "--debug"
+
+
+def run_recipe(main: Callable[[list[str]], object], argv: list[str] | None = None) -> None:
+    """Run a recipe's `main`: an error at the edges (bad data, model, adapter, config or output folder) ends the
+    program with one line on stderr naming the file, field or value and what was expected, and exit status 2.
+
+    `--debug` anywhere on the command line shows the full traceback instead. Anything else (a bug) keeps its
+    traceback.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in argv
+    argv = [arg for arg in argv if arg != DEBUG_FLAG]
+    try:
+        status = main(argv)
+    except (ValueError, OSError) as error:
+        if debug:
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"error: {message} (--debug for the traceback)", file=sys.stderr)
+        sys.exit(2)
+    if isinstance(status, int):
+        sys.exit(status)
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +50,13 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=0.2,
         help="Share of each center's training cases held out for validation and best-epoch selection (by case hash).",
+    )
+    group.add_argument(
+        "--label_map",
+        nargs="+",
+        default=None,
+        metavar="VALUE=ID",
+        help="Rewrite mask values to class ids before anything else, e.g. 255=1 for 0/255 masks.",
     )
     group.add_argument("--no_augmentation", action="store_true", help="Train without random augmentation.")
 

@@ -8,27 +8,35 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from datasets import Dataset
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..data import collate_segmentation
 from ..evaluation import evaluate_segmentation, mean_dice
+from ..storage import atomic_directory, check_no_pickle, recover_interrupted_write
+from .checkpoint import (
+    STATE_FILENAME,
+    check_same_run,
+    load_training_state,
+    run_fingerprint,
+    save_training_state,
+    trainable_state,
+)
 from .loss import segmentation_loss
 from .methods import set_train_mode
-from .saving import atomic_directory
 
-STATE_FILENAME = "training_state.json"
-BEST_FILENAME = "best.safetensors"
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
+# Settings that do not change what a run computes: a run may be resumed with other values of these.
+RESUMABLE_WITH_OTHER = ("eval_batch_size", "checkpoint_dir", "checkpointing_steps", "resume_from_checkpoint")
+RESUMABLE_WITH_OTHER += ("max_train_steps", "num_workers")
 
 
 @dataclass
@@ -68,18 +76,14 @@ class TrainingResult:
     stopped_early: bool = False
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of what training changes: the parameters requiring grad and the buffers (BatchNorm statistics)."""
-    state = {n: p.detach().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    state.update({n: b.detach().clone().contiguous() for n, b in model.named_buffers()})
-    return state
-
-
 def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
     """The checkpoint with the most steps in `checkpoint_dir` (complete ones only: they are renamed into place)."""
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         return None
+    for leftover in checkpoint_dir.iterdir():  # what a killed save left behind
+        if CHECKPOINT_PATTERN.match(leftover.name):
+            recover_interrupted_write(leftover)
     found = [(int(m.group(1)), p) for p in checkpoint_dir.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
     found = [(steps, p) for steps, p in found if (p / STATE_FILENAME).is_file()]
     return max(found)[1] if found else None
@@ -127,20 +131,22 @@ def train_segmentation(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, schedule_steps) / schedule_steps))
     )
-    accelerator.register_for_checkpointing(scheduler)
-
+    unwrapped = accelerator.unwrap_model(model)
+    settings = {k: v for k, v in asdict(config).items() if k not in RESUMABLE_WITH_OTHER}
+    run = run_fingerprint(unwrapped, settings, {"train": train_dataset, "validation": validation_dataset})
     state = {"completed_steps": 0, "epoch": 0, "batches_in_epoch": 0, "best_dice": -1.0, "best_epoch": -1}
-    state.update({"history": [], "train_seconds": 0.0})
+    state.update({"history": [], "train_seconds": 0.0, "run": run})
     best: dict[str, torch.Tensor] | None = None
     resume = _resolve_resume(config)
     if resume is not None:
-        accelerator.load_state(str(resume))
-        state = json.loads((resume / STATE_FILENAME).read_text())
-        if (resume / BEST_FILENAME).is_file():
-            best = load_file(resume / BEST_FILENAME)
+        check_no_pickle(resume)
+        recorded = _read_state(resume).get("run")
+        check_same_run(resume, recorded, run)
+        state, best = load_training_state(
+            resume, unwrapped, optimizer, scheduler, accelerator.scaler, accelerator.process_index
+        )
         accelerator.print(f"Resumed from {resume}: epoch {state['epoch']}, step {state['completed_steps']}.")
 
-    unwrapped = accelerator.unwrap_model(model)
     progress = tqdm(total=total_steps, initial=state["completed_steps"], disable=not accelerator.is_local_main_process)
     started = time.perf_counter() - state["train_seconds"]
     stopped_early = False
@@ -174,7 +180,7 @@ def train_segmentation(
             )
             state.update(epoch=epoch, batches_in_epoch=batches_in_epoch)
             if config.checkpointing_steps and state["completed_steps"] % config.checkpointing_steps == 0:
-                _save_checkpoint(accelerator, config, state, started, best)
+                _save_checkpoint(accelerator, config, state, started, best, unwrapped, optimizer, scheduler)
             if config.max_train_steps is not None and state["completed_steps"] >= config.max_train_steps:
                 stopped_early = batches_in_epoch < len(loader) or epoch + 1 < config.num_epochs
                 break
@@ -196,7 +202,7 @@ def train_segmentation(
         if stopped_early:
             break  # the budget ran out mid-run: the last checkpoint is the resume point, not this partial epoch
         state.update(epoch=epoch + 1, batches_in_epoch=0)
-        _save_checkpoint(accelerator, config, state, started, best)
+        _save_checkpoint(accelerator, config, state, started, best, unwrapped, optimizer, scheduler)
     progress.close()
     accelerator.wait_for_everyone()
     if best is not None:
@@ -227,7 +233,16 @@ def _resolve_resume(config: TrainingConfig) -> Path | None:
     return path
 
 
-def _save_checkpoint(accelerator: Accelerator, config: TrainingConfig, state: dict, started: float, best) -> None:
+def _read_state(folder: Path) -> dict:
+    try:
+        return json.loads((folder / STATE_FILENAME).read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{folder / STATE_FILENAME}: unreadable checkpoint state ({error}).") from error
+
+
+def _save_checkpoint(
+    accelerator: Accelerator, config: TrainingConfig, state: dict, started: float, best, model, optimizer, scheduler
+) -> None:
     if config.checkpoint_dir is None:
         return
     state["train_seconds"] = time.perf_counter() - started
@@ -239,12 +254,19 @@ def _save_checkpoint(accelerator: Accelerator, config: TrainingConfig, state: di
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
+    save_training_state(
+        staging,
+        model,
+        optimizer,
+        scheduler,
+        accelerator.scaler,
+        state,
+        best,
+        write_shared=accelerator.is_main_process,
+        rank=accelerator.process_index,
+    )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (staging / STATE_FILENAME).write_text(json.dumps(state, indent=2))
-        if best is not None:
-            save_file(best, staging / BEST_FILENAME)
         with atomic_directory(target) as final:
             final.rmdir()
             os.rename(staging, final)
@@ -279,5 +301,4 @@ __all__ = [
     "latest_checkpoint",
     "make_accelerator",
     "train_segmentation",
-    "trainable_state",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -10,6 +11,11 @@ from peft.config import PeftConfig
 from safetensors import safe_open
 
 from ..registration import VISUAL_PROMPT
+
+# Limits checked before anything is allocated: far above any published VPT setting (at most a few hundred prompts),
+# far below what would exhaust memory by accident (an adapter file's config is data, not code).
+MAX_VIRTUAL_TOKENS = 1024
+MAX_RESOLVED_SIZE = 1 << 16
 
 
 @dataclass
@@ -56,7 +62,8 @@ class VisualPromptConfig(PeftConfig):
         modules_to_save (`list[str]`, *optional*):
             Modules trained and saved with the prompts, for example `["decode_head.classifier"]` (the last classifier
             of an UperNet head). Name a leaf `Conv2d`/`Linear` so that mixed-center batches can route it per sample.
-        block_class, hidden_size, num_blocks, num_prefix_tokens, patch_size, base_model_type, base_fingerprint:
+        num_labels, block_class, hidden_size, num_blocks, num_prefix_tokens, patch_size, base_model_type,
+        base_fingerprint:
             Resolved from the base model when the adapter is created and saved with it, so that an adapter file
             describes itself and refuses a base it was not made for. Leave them `None`. With key/value prompts,
             `hidden_size` is the widest attention layer and `num_prefix_tokens` is 0.
@@ -82,6 +89,7 @@ class VisualPromptConfig(PeftConfig):
         default=None, metadata={"help": "Modules trained and saved with the prompts, e.g. ['decode_head.classifier']."}
     )
     # Resolved from the base model at creation; saved so that the adapter describes the base it needs.
+    num_labels: int | None = field(default=None, metadata={"help": "Resolved: number of classes of the base."})
     block_class: str | None = field(default=None, metadata={"help": "Resolved: class name of the prompted blocks."})
     hidden_size: int | None = field(default=None, metadata={"help": "Resolved: width of the prompted blocks."})
     num_blocks: int | None = field(default=None, metadata={"help": "Resolved: number of blocks of that class."})
@@ -99,8 +107,17 @@ class VisualPromptConfig(PeftConfig):
         self.peft_type = VISUAL_PROMPT
         if isinstance(self.num_virtual_tokens, bool) or not isinstance(self.num_virtual_tokens, int):
             raise ValueError(f"num_virtual_tokens must be a positive int, got {self.num_virtual_tokens!r}.")
-        if self.num_virtual_tokens < 1:
-            raise ValueError(f"num_virtual_tokens must be a positive int, got {self.num_virtual_tokens}.")
+        if not 1 <= self.num_virtual_tokens <= MAX_VIRTUAL_TOKENS:
+            raise ValueError(
+                f"num_virtual_tokens must be an int in 1..{MAX_VIRTUAL_TOKENS}, got {self.num_virtual_tokens}."
+            )
+        for name in ("num_labels", "hidden_size", "num_blocks", "patch_size", "num_prefix_tokens"):
+            value = getattr(self, name)
+            lowest = 0 if name == "num_prefix_tokens" else 1
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or not lowest <= value <= MAX_RESOLVED_SIZE
+            ):
+                raise ValueError(f"{name} must be None or an int in {lowest}..{MAX_RESOLVED_SIZE}, got {value!r}.")
         if self.prompt_mode not in ("tokens", "key_value"):
             raise ValueError(f"prompt_mode must be 'tokens' or 'key_value', got {self.prompt_mode!r}.")
         if self.prompt_mode == "key_value" and not self.deep:
@@ -110,10 +127,16 @@ class VisualPromptConfig(PeftConfig):
             )
         if self.prompt_init not in ("vpt", "normal"):
             raise ValueError(f"prompt_init must be 'vpt' or 'normal', got {self.prompt_init!r}.")
+        if isinstance(self.prompt_dropout, bool) or not isinstance(self.prompt_dropout, (int, float)):
+            raise ValueError(f"prompt_dropout must be a number in [0, 1), got {self.prompt_dropout!r}.")
         if not 0.0 <= self.prompt_dropout < 1.0:
             raise ValueError(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout}.")
         if self.layers is not None:
-            self.layers = sorted({int(i) for i in self.layers})
+            if not isinstance(self.layers, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < MAX_RESOLVED_SIZE for i in self.layers
+            ):
+                raise ValueError(f"layers must be None or a list of block indices (ints >= 0), got {self.layers!r}.")
+            self.layers = sorted(set(self.layers))
             if not self.layers:
                 raise ValueError("layers must name at least one block index, or be None for the default.")
             if not self.deep and len(self.layers) != 1:
@@ -125,9 +148,25 @@ class VisualPromptConfig(PeftConfig):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
-        """Load the config; for a local adapter folder, also check its weights file before anything is modified."""
-        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        """Load the config; for a local adapter folder, check its files first, before anything is modified.
+
+        A config file that is not valid JSON, names an unknown field, or holds a value out of range raises a
+        `ValueError` naming the file.
+        """
         folder = Path(pretrained_model_name_or_path) / (subfolder or "")
+        config_file = folder / "adapter_config.json"
+        if folder.is_dir():
+            try:
+                json.loads(config_file.read_text(encoding="utf-8"))
+            except FileNotFoundError as error:
+                raise FileNotFoundError(f"{config_file}: missing; not an adapter folder.") from error
+            except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                raise ValueError(f"{config_file}: not valid JSON ({error}).") from error
+        try:
+            config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        except (TypeError, ValueError) as error:
+            where = config_file if folder.is_dir() else pretrained_model_name_or_path
+            raise ValueError(f"{where}: not a valid visual prompt adapter config ({error}).") from error
         if folder.is_dir():
             check_adapter_weights_file(folder)
         return config

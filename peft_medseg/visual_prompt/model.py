@@ -19,6 +19,7 @@ from .layer import BASE_ADAPTER_NAME, PromptCarry, VisualPromptLayer
 
 # Fields resolved from the base; a mismatch with a loaded adapter means the prompts would mean nothing there.
 ARCHITECTURE_FIELDS = (
+    "num_labels",
     "block_class",
     "hidden_size",
     "num_blocks",
@@ -126,6 +127,34 @@ class VisualPromptModel(BaseTuner):
         device = next(target.parameters()).device
         layer.to(device)
 
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        """peft's injection, all or nothing: on any error the model is left exactly as it was before the call."""
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except BaseException:
+            self.roll_back(adapter_name)
+            raise
+
+    def roll_back(self, adapter_name: str) -> None:
+        """Take `adapter_name` out again after a failed injection or load, leaving the other adapters as they were.
+
+        With no other adapter, the base gets its own modules and forwards back (as `unload()`), so a failed
+        `PeftModel.from_pretrained(base, ...)` leaves the caller's `base` untouched.
+        """
+        others = [name for name in self.peft_config if name != adapter_name]
+        if not others:
+            self._unload_and_optionally_merge(merge=False)
+            self.peft_config.pop(adapter_name, None)
+            return
+        active = [name for name in self.active_adapters if name != adapter_name] or others[:1]
+        for module in self.model.modules():
+            if isinstance(module, VisualPromptLayer):
+                module.delete_adapter(adapter_name)
+            elif isinstance(module, AuxiliaryTrainingWrapper):
+                module.delete_adapter(adapter_name, new_active_adapters=active)
+        self.peft_config.pop(adapter_name, None)
+        self.set_adapter(active)
+
     # ----------------------------------------------------------------- unloading
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
         if merge:
@@ -144,7 +173,7 @@ class VisualPromptModel(BaseTuner):
         for name in wrappers:
             parent, wrapper, child_name = _get_submodules(self.model, name)
             setattr(parent, child_name, wrapper.original_module)
-        if hasattr(self.model, "peft_config"):
+        if "peft_config" in self.model.__dict__:
             del self.model.peft_config
         return self.model
 
@@ -159,12 +188,15 @@ class VisualPromptModel(BaseTuner):
             if ".visual_prompt.vpt_prompt." in name and name.endswith(f".{adapter_name}")
         }
         missing = sorted(name for name in expected if name not in remapped)
+        # Every tensor, prompts and modules_to_save copies alike (a classifier saved for another num_labels).
+        current = {name: tensor.shape for name, tensor in model.state_dict().items()}
         wrong = {
-            n: (tuple(remapped[n].shape), tuple(s))
-            for n, s in expected.items()
-            if n in remapped and remapped[n].shape != s
+            n: (tuple(tensor.shape), tuple(current[n]))
+            for n, tensor in remapped.items()
+            if n in current and tensor.shape != current[n]
         }
         if missing or wrong:
+            model.base_model.roll_back(adapter_name)
             raise ValueError(
                 f"The weights of adapter {adapter_name!r} do not fit its config: "
                 + (f"missing prompt tensors {missing[:3]}{' …' if len(missing) > 3 else ''}. " if missing else "")
@@ -290,4 +322,5 @@ def check_base_compatible(
 
 def _describe(model: nn.Module, config: VisualPromptConfig, block_class: str, blocks) -> dict:
     describe = describe_key_value_base if config.prompt_mode == "key_value" else describe_base
-    return describe(model, block_class, blocks)
+    num_labels = getattr(getattr(model, "config", None), "num_labels", None)
+    return {"num_labels": num_labels, **describe(model, block_class, blocks)}
