@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from .data import collate_segmentation
 from .metrics import dice_per_class, hd95
-from .storage import ADAPTER_CONFIG_NAME, EVALUATION_FILENAME, is_adapter_folder, load_base
+from .storage import EVALUATION_FILENAME, is_adapter_folder, load_base, read_adapter_config
 
 BASE_ROW = "base"
 ROUTED_ROW = "routed"
@@ -247,7 +247,7 @@ def describe_model_folder(path: str | Path) -> TrainedModel:
         info = json.loads((path / EVALUATION_FILENAME).read_text())
     peft_type = None
     if is_adapter_folder(path):
-        peft_type = json.loads((path / ADAPTER_CONFIG_NAME).read_text()).get("peft_type")
+        peft_type = read_adapter_config(path).get("peft_type")
     method = info.get("method") or ("adapter" if peft_type else "full")
     center = info.get("center")
     name = f"{method}:{center}" if center else path.name

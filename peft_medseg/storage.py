@@ -42,6 +42,7 @@ __all__ = [
     "is_adapter_folder",
     "load_base",
     "load_finetuned",
+    "read_adapter_config",
     "recover_interrupted_write",
     "save_finetuned",
 ]
@@ -206,6 +207,20 @@ def check_no_pickle(folder: str | Path) -> None:
         )
 
 
+def read_adapter_config(folder: str | Path) -> dict[str, Any]:
+    """A local adapter folder's adapter_config.json as a dict, with errors naming the file."""
+    path = Path(folder) / ADAPTER_CONFIG_NAME
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{path}: missing; not an adapter folder.") from error
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error}).") from error
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(config).__name__}.")
+    return config
+
+
 def is_adapter_folder(path: str | Path) -> bool:
     """Whether `path` holds a peft adapter (adapter_config.json) rather than a full model."""
     return (Path(path) / ADAPTER_CONFIG_NAME).is_file()
@@ -226,8 +241,8 @@ def load_base(path: str | Path):
 
     text = str(path)
     local = Path(text).expanduser()
+    recover_interrupted_write(local)
     if local.is_dir():
-        recover_interrupted_write(local)
         if is_adapter_folder(local):
             raise ValueError(
                 f"{local}: an adapter folder ({ADAPTER_CONFIG_NAME}), not a base model; pass the base it was trained "
@@ -255,12 +270,14 @@ def load_finetuned(path: str | Path, base_model: str | Path) -> nn.Module:
     import peft_medseg  # noqa: F401  (registers the visual prompt type before peft reads adapter_config.json)
 
     path = Path(path)
-    if path.is_dir():
-        recover_interrupted_write(path)
+    recover_interrupted_write(path)
     if is_adapter_folder(path):
         from peft import PeftModel
 
         check_no_pickle(path)
+        config = read_adapter_config(path)
+        if config.get("peft_type") == "VISUAL_PROMPT":
+            peft_medseg.VisualPromptConfig.from_pretrained(str(path))  # every field checked before the base is touched
         base, _ = load_base(base_model)
         return PeftModel.from_pretrained(base, str(path)).eval()
     model, _ = load_base(path)

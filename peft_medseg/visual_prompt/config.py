@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -11,6 +10,7 @@ from peft.config import PeftConfig
 from safetensors import safe_open
 
 from ..registration import VISUAL_PROMPT
+from ..storage import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, read_adapter_config
 
 # Limits checked before anything is allocated: far above any published VPT setting (at most a few hundred prompts),
 # far below what would exhaust memory by accident (an adapter file's config is data, not code).
@@ -154,14 +154,9 @@ class VisualPromptConfig(PeftConfig):
         `ValueError` naming the file.
         """
         folder = Path(pretrained_model_name_or_path) / (subfolder or "")
-        config_file = folder / "adapter_config.json"
+        config_file = folder / ADAPTER_CONFIG_NAME
         if folder.is_dir():
-            try:
-                json.loads(config_file.read_text(encoding="utf-8"))
-            except FileNotFoundError as error:
-                raise FileNotFoundError(f"{config_file}: missing; not an adapter folder.") from error
-            except (UnicodeDecodeError, json.JSONDecodeError) as error:
-                raise ValueError(f"{config_file}: not valid JSON ({error}).") from error
+            read_adapter_config(folder)
         try:
             config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         except (TypeError, ValueError) as error:
@@ -175,7 +170,7 @@ class VisualPromptConfig(PeftConfig):
 def check_adapter_weights_file(folder: str | Path) -> Path:
     """The adapter weights file of a local adapter folder; a clear error naming it when missing or unreadable."""
     folder = Path(folder)
-    weights = folder / "adapter_model.safetensors"
+    weights = folder / ADAPTER_WEIGHTS_NAME
     if not weights.is_file():
         if (folder / "adapter_model.bin").is_file():
             return folder / "adapter_model.bin"
