@@ -18,6 +18,7 @@ install: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q tests
 
 lint: $(VENV)/.installed

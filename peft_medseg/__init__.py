@@ -5,7 +5,6 @@
 peft resolves the adapter type from adapter_config.json through a mapping that exists only after the import.
 """
 
-from .registration import register_visual_prompt
 from .visual_prompt import (
     BASE_ADAPTER_NAME,
     SUPPORTED_BLOCK_CLASSES,
@@ -13,9 +12,8 @@ from .visual_prompt import (
     VisualPromptLayer,
     VisualPromptModel,
     check_base_compatible,
+    register_visual_prompt,
 )
-
-register_visual_prompt()
 
 __version__ = "0.1.0"
 __all__ = [
@@ -25,4 +23,5 @@ __all__ = [
     "VisualPromptLayer",
     "VisualPromptModel",
     "check_base_compatible",
+    "register_visual_prompt",
 ]

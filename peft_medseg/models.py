@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from transformers import (
-    AutoBackbone,
+    MODEL_FOR_BACKBONE_MAPPING,
     AutoConfig,
     Dinov2Config,
     SegformerConfig,
@@ -74,14 +74,15 @@ SEGFORMER_TINY = dict(hidden_sizes=[32, 64, 160, 256], depths=[1, 1, 1, 1], deco
 
 
 def build_segmentation_model(
-    base: str, num_labels: int, image_size: int = 224, id2label: dict[int, str] | None = None
+    base: str | dict, num_labels: int, image_size: int = 224, id2label: dict[int, str] | None = None
 ) -> UperNetForSemanticSegmentation:
-    """A segmentation model to pretrain: a named offline config (`tiny`, `small`, `segformer-tiny`) or a Hub backbone id.
+    """A segmentation model to pretrain: a named offline config (`tiny`, `small`, `segformer-tiny`), a spec of the
+    same keys as `NAMED_CONFIGS` values (DINOv2 widths under an UperNet head, e.g. ViT-B), or a Hub backbone id.
 
     A Hub id (for example `facebook/dinov2-small`) loads that pretrained backbone under a freshly initialised
     UperNet head.
     """
-    if base in NAMED_CONFIGS:
+    if isinstance(base, dict) or base in NAMED_CONFIGS:
         return UperNetForSemanticSegmentation(named_config(base, num_labels, image_size, id2label))
     if base == "segformer-tiny":
         id2label = id2label or {i: str(i) for i in range(num_labels)}
@@ -91,7 +92,10 @@ def build_segmentation_model(
         return SegformerForSemanticSegmentation(config)
     backbone_config = AutoConfig.from_pretrained(base)
     num_layers = backbone_config.num_hidden_layers
-    backbone = AutoBackbone.from_pretrained(base, out_features=_out_features(num_layers), reshape_hidden_states=True)
+    # The backbone class of the config, loaded directly: AutoBackbone.from_pretrained asks the Hub whether the name
+    # is a repo first, which fails for local folders and offline.
+    backbone_class = MODEL_FOR_BACKBONE_MAPPING[type(backbone_config)]
+    backbone = backbone_class.from_pretrained(base, out_features=_out_features(num_layers), reshape_hidden_states=True)
     id2label = id2label or {i: str(i) for i in range(num_labels)}
     config = UperNetConfig(
         backbone_config=backbone.config,
@@ -107,8 +111,27 @@ def build_segmentation_model(
     return model
 
 
-def build_image_processor(image_size: int, mean: float | list[float] = 0.5, std: float | list[float] = 0.25):
-    """The image processor (Pillow backend: no torchvision needed) saved with a base: fixed-size resize, rescale to [0, 1], normalise; labels kept as ids."""
+# Normalisation of the offline bases trained from scratch (named configs): grey images, centred.
+SCRATCH_MEAN, SCRATCH_STD = 0.5, 0.25
+
+
+def image_processor_for(base: str | dict, image_size: int):
+    """The image processor for a base to pretrain: a pretrained backbone (Hub id or folder) keeps its own image
+    statistics (`image_mean`/`image_std` of its image processor), which it was trained with; named configs are
+    trained from scratch with `SCRATCH_MEAN`/`SCRATCH_STD`. The size is `image_size` either way."""
+    if isinstance(base, dict) or base in NAMED_CONFIGS or base == "segformer-tiny":
+        return build_image_processor(image_size)
+    from transformers import AutoImageProcessor
+
+    pretrained = AutoImageProcessor.from_pretrained(base)
+    return build_image_processor(image_size, list(pretrained.image_mean), list(pretrained.image_std))
+
+
+def build_image_processor(
+    image_size: int, mean: float | list[float] = SCRATCH_MEAN, std: float | list[float] = SCRATCH_STD
+):
+    """The image processor (Pillow backend: no torchvision needed) saved with a base: fixed-size resize, rescale to
+    [0, 1], normalise; labels kept as ids."""
     mean = [mean] * 3 if isinstance(mean, float) else list(mean)
     std = [std] * 3 if isinstance(std, float) else list(std)
     return SegformerImageProcessorPil(

@@ -11,7 +11,7 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .evaluation import CenterMatrix  # noqa: E402
+from .matrix import CenterMatrix  # noqa: E402
 
 
 def plot_dice_heatmap(matrix: CenterMatrix, path: str | Path) -> Path:

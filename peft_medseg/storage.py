@@ -18,9 +18,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from peft.utils.constants import CONFIG_NAME as ADAPTER_CONFIG_NAME
-from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS_NAME
 from torch import nn
+
+from .visual_prompt import PEFT_TYPE_NAME, VisualPromptConfig, read_adapter_config
+from .visual_prompt.files import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 
 EVALUATION_FILENAME = "evaluation.json"
 MODEL_CONFIG_NAME = "config.json"
@@ -42,8 +43,8 @@ __all__ = [
     "is_adapter_folder",
     "load_base",
     "load_finetuned",
-    "read_adapter_config",
     "recover_interrupted_write",
+    "save_base",
     "save_finetuned",
 ]
 
@@ -207,20 +208,6 @@ def check_no_pickle(folder: str | Path) -> None:
         )
 
 
-def read_adapter_config(folder: str | Path) -> dict[str, Any]:
-    """A local adapter folder's adapter_config.json as a dict, with errors naming the file."""
-    path = Path(folder) / ADAPTER_CONFIG_NAME
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as error:
-        raise FileNotFoundError(f"{path}: missing; not an adapter folder.") from error
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: not valid JSON ({error}).") from error
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a JSON object, found {type(config).__name__}.")
-    return config
-
-
 def is_adapter_folder(path: str | Path) -> bool:
     """Whether `path` holds a peft adapter (adapter_config.json) rather than a full model."""
     return (Path(path) / ADAPTER_CONFIG_NAME).is_file()
@@ -267,8 +254,6 @@ def load_base(path: str | Path):
 
 def load_finetuned(path: str | Path, base_model: str | Path) -> nn.Module:
     """A fine-tuned model in eval mode: `PeftModel.from_pretrained(base, path)` for an adapter, else the full model."""
-    import peft_medseg  # noqa: F401  (registers the visual prompt type before peft reads adapter_config.json)
-
     path = Path(path)
     recover_interrupted_write(path)
     if is_adapter_folder(path):
@@ -276,8 +261,8 @@ def load_finetuned(path: str | Path, base_model: str | Path) -> nn.Module:
 
         check_no_pickle(path)
         config = read_adapter_config(path)
-        if config.get("peft_type") == "VISUAL_PROMPT":
-            peft_medseg.VisualPromptConfig.from_pretrained(str(path))  # every field checked before the base is touched
+        if config.get("peft_type") == PEFT_TYPE_NAME:
+            VisualPromptConfig.from_pretrained(str(path))  # every field checked before the base is touched
         base, _ = load_base(base_model)
         return PeftModel.from_pretrained(base, str(path)).eval()
     model, _ = load_base(path)
@@ -285,6 +270,18 @@ def load_finetuned(path: str | Path, base_model: str | Path) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------- writing folders
+def save_base(model: nn.Module, image_processor, folder: str | Path, records: dict[str, Any] | None = None) -> Path:
+    """Save a base model with its image processor atomically; `records` are JSON files written next to them
+    (`{"train_log.json": {...}}`), so that a folder and what it was trained on never disagree."""
+    with atomic_directory(folder) as staging:
+        model.save_pretrained(staging)
+        image_processor.save_pretrained(staging)
+        for name, record in (records or {}).items():
+            check_safe_name(name, "record file name")
+            (staging / name).write_text(json.dumps(record, indent=2) + "\n")
+    return Path(folder)
+
+
 def save_finetuned(
     model: nn.Module, output_dir: str | Path, image_processor=None, evaluation: dict[str, Any] | None = None
 ) -> Path:

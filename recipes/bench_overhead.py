@@ -17,8 +17,6 @@ import argparse
 import copy
 import json
 import statistics
-import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,12 +25,11 @@ import matplotlib
 import torch
 from peft import get_peft_model
 from tqdm.auto import tqdm
-from transformers import SegformerConfig, SegformerForSemanticSegmentation, UperNetForSemanticSegmentation
+from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
 import peft_medseg
-from peft_medseg.models import NAMED_CONFIGS, build_segmentation_model, named_config
-from peft_medseg.profiling import peak_memory_mb
-from peft_medseg.training import enable_gradient_checkpointing, prepare_model, set_train_mode
+from peft_medseg.experiments.profiling import measure_in_fresh_process, training_step_probe
+from peft_medseg.models import NAMED_CONFIGS, build_segmentation_model
 from peft_medseg.visual_prompt.kv_layer import DeepKeyValuePromptLayer
 
 matplotlib.use("Agg")
@@ -67,17 +64,6 @@ TRAIN_VARIANTS = {
 }
 
 
-def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
     """Median time of each function, measured round-robin so that drift in machine load hits all of them alike."""
     for fn in fns.values():
@@ -93,8 +79,6 @@ def interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
 
 def build(config_name: str | dict, image_size: int):
     torch.manual_seed(0)
-    if isinstance(config_name, dict):
-        return UperNetForSemanticSegmentation(named_config(config_name, num_labels=4, image_size=image_size)).eval()
     return build_segmentation_model(config_name, num_labels=4, image_size=image_size).eval()
 
 
@@ -268,43 +252,27 @@ def bench_segformer(args, size: str = "b0") -> dict:
     }
 
 
-def train_step_in_this_process(variant: str, width: str, args, repeats: int) -> dict:
-    """Peak memory growth and time of a training step, in a fresh process so methods do not share an allocator."""
+def train_step(variant: str, width: str, repeats: int, args) -> dict:
+    """Peak memory growth and step time of one variant, in a fresh process so methods do not share an allocator."""
     method, checkpointing = TRAIN_VARIANTS[variant]
-    model = build(WIDTHS[width], args.image_size)
-    model = prepare_model(model, method, num_virtual_tokens=args.num_virtual_tokens, prompt_dropout=0.0)
-    if checkpointing:
-        enable_gradient_checkpointing(model)
-    set_train_mode(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
-    labels = torch.randint(0, 4, (args.batch_size, args.image_size, args.image_size))
-
-    def step():
-        logits = model(pixel_values=x).logits
-        loss = torch.nn.functional.cross_entropy(logits, labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    # The first step allocates everything a training step needs (activations, gradients, optimizer state); later
-    # steps reuse the allocator's cache, so only the first one shows the method's peak.
-    peak = peak_memory_mb(step)
-    seconds = median_seconds(step, repeats=repeats, warmup=0) if repeats else None
-    trainable = sum(p.numel() for p in params)
-    return {"step_s": seconds, "peak_mb_above_model": peak, "trainable": trainable}
-
-
-def train_step(variant: str, width: str, repeats: int) -> dict:
-    command = [sys.executable, __file__, "--_train_step", variant, width, str(repeats), *sys.argv[1:]]
-    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    return json.loads(output.strip().splitlines()[-1])
+    result = measure_in_fresh_process(
+        training_step_probe,
+        base=NAMED_CONFIGS["tiny"] if args.quick else WIDTHS[width],
+        method=method,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        num_virtual_tokens=args.num_virtual_tokens,
+        gradient_checkpointing=checkpointing,
+        repeats=repeats,
+    )
+    return {"step_s": result["step_s"], "peak_mb_above_model": result["peak_mb"], "trainable": result["trainable"]}
 
 
 def bench_training(args) -> dict:
     """Every variant at ViT-S, with step times."""
-    results = {v: train_step(v, "ViT-S", args.train_repeats) for v in tqdm(TRAIN_VARIANTS, desc="training steps")}
+    results = {
+        v: train_step(v, "ViT-S", args.train_repeats, args) for v in tqdm(TRAIN_VARIANTS, desc="training steps")
+    }
     full = results["full"]
     return {
         variant: result
@@ -320,7 +288,7 @@ def memory_curve(args) -> list[dict]:
     """Training-step peak memory of each variant against the backbone width (one step each, ViT-S reused)."""
     rows = []
     for width in tqdm([w for w in WIDTHS if w != "ViT-S"], desc="memory curve"):
-        results = {v: train_step(v, width, 0) for v in TRAIN_VARIANTS}
+        results = {v: train_step(v, width, 0, args) for v in TRAIN_VARIANTS}
         full = results["full"]["peak_mb_above_model"]
         for variant, result in results.items():
             rows.append(
@@ -460,17 +428,9 @@ def main() -> None:
     parser.add_argument("--no_curves", action="store_true", help="skip the cost curves (minutes on 2 cores)")
     parser.add_argument("--quick", action="store_true", help="tiny config at 64 px, no curves: a smoke run")
     parser.add_argument("--output_dir", default="outputs/bench")
-    parser.add_argument("--_train_step", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.config, args.image_size, args.repeats, args.train_repeats, args.no_curves = "tiny", 64, 5, 1, True
-    if args._train_step:
-        variant, width, repeats = args._train_step
-        if args.quick:
-            WIDTHS[width] = NAMED_CONFIGS["tiny"]
-        print(json.dumps(train_step_in_this_process(variant, width, args, int(repeats))))
-        return
-
     device = "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name()
     setup = vars(args) | {"device": device, "threads": torch.get_num_threads()}
     print(f"config={args.config} image_size={args.image_size} batch={args.batch_size} device={device}")

@@ -11,38 +11,40 @@ row was not adapted to. Writes matrix.md, matrix.csv, matrix.json, dice_heatmap.
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from peft_medseg.evaluation import BASE_ADAPTER, center_matrix, json_scores, predict
+from peft_medseg import BASE_ADAPTER_NAME
+from peft_medseg.data import load_multicenter_dataset, parse_label_map
+from peft_medseg.matrix import center_matrix
 from peft_medseg.plots import plot_dice_heatmap, plot_overlays
-from peft_medseg.storage import claim_output_dir
-from peft_medseg.training import eval_transform, load_base, load_multicenter_dataset, parse_label_map
-from peft_medseg.training.cli import run_recipe
+from peft_medseg.scoring import json_scores, predict
+from peft_medseg.storage import claim_output_dir, load_base
+from peft_medseg.training import eval_transform
+from peft_medseg.training.cli import parse_arguments, run_recipe
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+@dataclass
+class EvaluateArguments:
+    """The base, the models to compare with it, and the test data."""
+
+    base_model: str = field(metadata={"help": "The base saved by pretrain_base.py."})
+    output_dir: str = field(metadata={"help": "Where matrix.md/csv/json, dice_heatmap.png and overlays.png go."})
+    models: list[str] = field(default_factory=list, metadata={"help": "Folders written by finetune_center.py."})
+    dataset: str = field(
+        default="synthetic", metadata={"help": "'synthetic', a folder <root>/<center>/images|masks or a datasets id."}
     )
-    parser.add_argument("--base_model", required=True, help="The base saved by pretrain_base.py.")
-    parser.add_argument("--models", nargs="*", default=[], help="Folders written by finetune_center.py.")
-    parser.add_argument(
-        "--dataset", default="synthetic", help="'synthetic', a folder <root>/<center>/images|masks or a datasets id."
-    )
-    parser.add_argument("--centers", nargs="+", default=None, help="Test centers (default: all).")
-    parser.add_argument("--label_map", nargs="+", default=None, metavar="VALUE=ID", help="e.g. 255=1 for 0/255 masks.")
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--num_overlays", type=int, default=2, help="Test images per center in overlays.png.")
-    parser.add_argument("--output_dir", required=True)
-    return parser.parse_args(argv)
+    centers: list[str] | None = field(default=None, metadata={"help": "Test centers (default: all)."})
+    label_map: list[str] | None = field(default=None, metadata={"help": "VALUE=ID, e.g. 255=1 for 0/255 masks."})
+    batch_size: int = field(default=16, metadata={"help": "Scoring batch size."})
+    num_overlays: int = field(default=2, metadata={"help": "Test images per center in overlays.png."})
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    (args,) = parse_arguments((EvaluateArguments,), argv, description=__doc__)
     base, processor = load_base(args.base_model)
     num_labels = base.config.num_labels
     data, _ = load_multicenter_dataset(
@@ -90,7 +92,7 @@ def write_matrix(args, data, processor, num_labels: int, output_dir: Path) -> No
     base, _ = load_base(args.base_model)
     panels = {"reference": [r["labels"].numpy() for r in rows], "base": list(predict(base, pixels).numpy())}
     if prompted is not None:
-        names = [matrix.routes.get(r["center"], BASE_ADAPTER) for r in rows]
+        names = [matrix.routes.get(r["center"], BASE_ADAPTER_NAME) for r in rows]
         panels["routed"] = list(predict(prompted, pixels, names).numpy())
     images = [r["pixel_values"][0].numpy() for r in rows]
     plot_overlays(images, panels, [r["center"] for r in rows], output_dir / "overlays.png", num_labels)

@@ -1,4 +1,4 @@
-"""Adapt a pretrained base to one new center: visual prompts, LoRA, the decode head, the classifier, or everything.
+r"""Adapt a pretrained base to one new center: visual prompts, LoRA, the decode head, the classifier, or everything.
 
     # Deep VPT (+ the last classifier) for the held-out synthetic center, 10 training cases:
     python recipes/finetune_center.py --base_model outputs/base-tiny --method vpt-deep --num_train_cases 10 \
@@ -15,87 +15,87 @@
     # Killed? Continue from the newest complete checkpoint, with no lost or repeated step:
     python recipes/finetune_center.py ... --resume_from_checkpoint latest
 
+    # The same arguments from a JSON or YAML file (keys are the option names without dashes):
+    python recipes/finetune_center.py finetune.yaml
+
 Writes <output_dir>/ (the adapter, or the full model) with evaluation.json: Dice and HD95 on every center's test split.
 """
 
 from __future__ import annotations
 
-import argparse
 from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Literal
 
-from peft_medseg.evaluation import absent_classes_note, evaluate_segmentation, json_scores
-from peft_medseg.storage import claim_output_dir
+from peft_medseg.data import load_multicenter_dataset, parse_label_map, select_centers
+from peft_medseg.scoring import absent_classes_note, evaluate_segmentation, json_scores
+from peft_medseg.storage import claim_output_dir, load_base, save_finetuned
 from peft_medseg.training import (
-    METHODS,
+    DEFAULT_METHOD,
     VPT_METHODS,
+    TrainingConfig,
     default_learning_rate,
     eval_transform,
     finetune_center,
-    load_base,
-    load_multicenter_dataset,
     make_accelerator,
-    parse_label_map,
-    save_finetuned,
     uses_gradient_checkpointing,
 )
 from peft_medseg.training.cli import (
-    add_data_arguments,
-    add_training_arguments,
+    AccelerateArguments,
+    DataArguments,
+    parse_arguments,
+    resolve_training_config,
     run_recipe,
-    training_config_from_args,
 )
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+@dataclass
+class FinetuneArguments:
+    """What to adapt, to which center, with which method."""
+
+    base_model: str = field(metadata={"help": "Folder (or Hub id) of the base saved by pretrain_base.py."})
+    output_dir: str = field(metadata={"help": "Where the adapter (or full model) and evaluation.json go."})
+    method: Literal["vpt-deep", "vpt-shallow", "vpt-deep-norms", "vpt-kv", "lora", "decoder", "classifier", "full"] = (
+        field(
+            default=DEFAULT_METHOD,
+            metadata={"help": "See peft_medseg.training.METHODS; the default won in the README."},
+        )
     )
-    parser.add_argument(
-        "--base_model", required=True, help="Folder (or Hub id) of the base saved by pretrain_base.py."
+    new_center: str | None = field(
+        default=None, metadata={"help": "The center to adapt to (default: the synthetic held-out center)."}
     )
-    parser.add_argument(
-        "--method", choices=METHODS, default="vpt-deep-norms", help="vpt-deep-norms won on both datasets (README)."
+    eval_centers: list[str] | None = field(
+        default=None, metadata={"help": "Test centers for evaluation.json (default: all); must include the new one."}
     )
-    parser.add_argument(
-        "--new_center", default=None, help="The center to adapt to (default: the synthetic held-out center)."
+    num_train_cases: int | None = field(default=None, metadata={"help": "Few-shot: training cases (default: all)."})
+    num_virtual_tokens: int = field(default=10, metadata={"help": "Prompts per block (VPT)."})
+    prompt_dropout: float = field(default=0.1, metadata={"help": "Dropout on the prompts (VPT)."})
+    prompts_only: bool = field(
+        default=False, metadata={"help": "VPT/LoRA without the last classifier (by default it trains too)."}
     )
-    parser.add_argument(
-        "--eval_centers", nargs="+", default=None, help="Test centers for evaluation.json (default: all)."
-    )
-    parser.add_argument("--num_train_cases", type=int, default=None, help="Few-shot: training cases (default: all).")
-    parser.add_argument("--num_virtual_tokens", type=int, default=10, help="Prompts per block (VPT).")
-    parser.add_argument("--prompt_dropout", type=float, default=0.1, help="Dropout on the prompts (VPT).")
-    parser.add_argument(
-        "--prompts_only",
-        action="store_true",
-        help="VPT/LoRA without the last classifier (by default it trains too: most of the adaptation is there).",
-    )
-    parser.add_argument("--lora_rank", type=int, default=8)
-    parser.add_argument(
-        "--gradient_checkpointing",
-        action=argparse.BooleanOptionalAction,
+    lora_rank: int = field(default=8, metadata={"help": "Rank of LoRA."})
+    gradient_checkpointing: bool | None = field(
         default=None,
-        help="Recompute encoder activations in the backward pass: same gradients, lower peak memory, slower steps "
-        "(default: on for the prompt methods, off for the others).",
+        metadata={
+            "help": "Recompute encoder activations in the backward pass: same gradients, lower peak memory, slower "
+            "steps (default: on for the prompt methods, off for the others)."
+        },
     )
-    parser.add_argument(
-        "--output_dir", required=True, help="Where the adapter (or full model) and evaluation.json go."
-    )
-    add_data_arguments(parser)
-    add_training_arguments(parser, default_epochs=10, default_batch_size=8)
-    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    args, data_args, run_args, training = parse_arguments(
+        (FinetuneArguments, DataArguments, AccelerateArguments, TrainingConfig), argv, description=__doc__
+    )
     accelerator = make_accelerator(
-        args.mixed_precision, args.gradient_accumulation_steps, args.report_to, args.output_dir
+        run_args.mixed_precision, training.gradient_accumulation_steps, run_args.report_to, args.output_dir
     )
     # Everything that can be checked is checked before training: the base, the data and its labels, the centers,
     # and the output folders (writable, and not being written by another run).
     base, processor = load_base(args.base_model)
     num_labels = base.config.num_labels
-    data, _ = load_multicenter_dataset(args.dataset, num_labels=num_labels, label_map=parse_label_map(args.label_map))
+    label_map = parse_label_map(data_args.label_map)
+    data, _ = load_multicenter_dataset(data_args.dataset, num_labels=num_labels, label_map=label_map)
     new_center = args.new_center
     if new_center is None:
         from peft_medseg.data.synthetic import HELD_OUT_CENTER
@@ -117,13 +117,12 @@ def main(argv: list[str] | None = None) -> None:
                 f"--eval_centers {args.eval_centers} leaves out the new center {new_center!r}, whose test Dice "
                 "the adapter is judged by: add it."
             )
-    learning_rate = args.learning_rate or default_learning_rate(args.method)
-    config = training_config_from_args(args, learning_rate)
+    config = resolve_training_config(training, args.output_dir, default_learning_rate(args.method))
     with ExitStack() as claims:
         if accelerator.is_main_process:
             claims.enter_context(claim_output_dir(args.output_dir))
             claims.enter_context(claim_output_dir(config.checkpoint_dir))
-        if args.report_to:
+        if run_args.report_to:
             hparams = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
             accelerator.init_trackers("finetune_center", hparams)
         outcome = finetune_center(
@@ -139,37 +138,36 @@ def main(argv: list[str] | None = None) -> None:
             prompt_dropout=args.prompt_dropout,
             train_classifier=not args.prompts_only,
             lora_rank=args.lora_rank,
-            validation_fraction=args.validation_fraction,
-            augment=not args.no_augmentation,
+            validation_fraction=data_args.validation_fraction,
+            augment=data_args.augmentation,
             gradient_checkpointing=args.gradient_checkpointing,
         )
         accelerator.end_training()
         if accelerator.is_main_process:
-            save_evaluated(args, outcome, data, processor, num_labels, new_center, learning_rate)
+            save_evaluated(args, data_args, config, outcome, data, processor, num_labels, new_center)
 
 
-def save_evaluated(args, outcome, data, processor, num_labels: int, new_center: str, learning_rate: float) -> None:
+def save_evaluated(args, data_args, config, outcome, data, processor, num_labels: int, new_center: str) -> None:
     """Score the fine-tuned model on every test center and save it with evaluation.json, atomically."""
     model, result = outcome.model, outcome.result
-    trainable, total = outcome.trainable_parameters, outcome.total_parameters
     test = data["test"]
     if args.eval_centers:
-        test = test.filter(lambda center: center in set(args.eval_centers), input_columns="center")
+        test = select_centers(test, args.eval_centers)
     test.set_transform(eval_transform(processor))
-    scores = evaluate_segmentation(model, test, num_labels, args.eval_batch_size)
+    scores = evaluate_segmentation(model, test, num_labels, config.eval_batch_size)
     evaluation = {
         "center": new_center,
         "method": args.method,
         "base_model": str(args.base_model),
-        "dataset": str(args.dataset),
-        "trainable_parameters": trainable,
-        "total_parameters": total,
+        "dataset": str(data_args.dataset),
+        "trainable_parameters": outcome.trainable_parameters,
+        "total_parameters": outcome.total_parameters,
         "metrics": json_scores(scores),
         "train": {
             "num_train_cases": outcome.num_train_cases,
-            "epochs": args.num_epochs,
-            "learning_rate": learning_rate,
-            "seed": args.seed,
+            "epochs": config.num_epochs,
+            "learning_rate": config.learning_rate,
+            "seed": config.seed,
             "num_virtual_tokens": args.num_virtual_tokens if args.method in VPT_METHODS else None,
             "best_epoch": result.best_epoch,
             "train_seconds": round(result.train_seconds, 2),

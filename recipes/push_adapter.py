@@ -1,55 +1,55 @@
-"""Push a center adapter to the Hugging Face Hub with its model card and evaluation, or write the upload folder.
+r"""Push a center adapter to the Hugging Face Hub with its model card and evaluation, or write the upload folder.
 
     # Write exactly what would be uploaded, and look at it:
-    python recipes/push_adapter.py outputs/center-B --repo-id my-org/center-B \
+    python recipes/push_adapter.py --adapter_dir outputs/center-B --repo-id my-org/center-B \
         --evaluation outputs/center-B/eval.json --dry-run --output-dir outputs/center-B-upload
 
     # Push it (private repo), or open a pull request, or push to a branch:
-    python recipes/push_adapter.py outputs/center-B --repo-id my-org/center-B --evaluation eval.json --private
-    python recipes/push_adapter.py outputs/center-B --repo-id my-org/center-B --evaluation eval.json --create-pr
-    python recipes/push_adapter.py outputs/center-B --repo-id my-org/center-B --revision v2
+    python recipes/push_adapter.py --adapter_dir outputs/center-B --repo-id my-org/center-B --evaluation eval.json --private
+    python recipes/push_adapter.py --adapter_dir outputs/center-B --repo-id my-org/center-B --evaluation eval.json --create-pr
+    python recipes/push_adapter.py --adapter_dir outputs/center-B --repo-id my-org/center-B --revision v2
 
 The Hub is reached through `huggingface_hub` (token from `HF_TOKEN` or `hf auth login`, URL from `HF_ENDPOINT`).
 """
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from peft_medseg.hub import prepare_upload_folder, push_adapter_to_hub
 from peft_medseg.hub.card import DEFAULT_LICENSE
-from peft_medseg.training.cli import run_recipe
+from peft_medseg.training.cli import parse_arguments, run_recipe
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("adapter_dir", type=Path, help="Folder saved by PeftModel.save_pretrained.")
-    parser.add_argument("--repo-id", required=True, help="Target model repo, namespace/name (named in the card).")
-    parser.add_argument("--evaluation", type=Path, default=None, help="Evaluation JSON written by the recipes.")
-    parser.add_argument("--private", action="store_true", help="Create the repo private (refuses a public one).")
-    parser.add_argument("--revision", default=None, help="Branch to push to; created from main when missing.")
-    parser.add_argument("--create-pr", action="store_true", help="Open a pull request against main instead.")
-    parser.add_argument("--commit-message", default=None)
-    parser.add_argument(
-        "--license", default=DEFAULT_LICENSE, help=f"License id for the card (default {DEFAULT_LICENSE})."
+@dataclass
+class PushArguments:
+    """What to push where (options also spelled with dashes: --repo-id, --dry-run, ...)."""
+
+    adapter_dir: Path = field(metadata={"help": "Folder saved by PeftModel.save_pretrained."})
+    repo_id: str = field(metadata={"help": "Target model repo, namespace/name (named in the card)."})
+    evaluation: Path | None = field(default=None, metadata={"help": "Evaluation JSON written by the recipes."})
+    private: bool = field(default=False, metadata={"help": "Create the repo private (refuses a public one)."})
+    revision: str | None = field(default=None, metadata={"help": "Branch to push to; created from main when missing."})
+    create_pr: bool = field(default=False, metadata={"help": "Open a pull request against main instead."})
+    commit_message: str | None = field(default=None, metadata={"help": "Commit message of the upload."})
+    license: str = field(default=DEFAULT_LICENSE, metadata={"help": "License id for the card."})
+    base_model: str | None = field(
+        default=None, metadata={"help": "Hub id of the base, if the adapter config records a local path."}
     )
-    parser.add_argument("--base-model", default=None, help="Hub id of the base, if the config records a local path.")
-    parser.add_argument("--dry-run", action="store_true", help="Write the upload folder instead of pushing.")
-    parser.add_argument(
-        "--output-dir", type=Path, default=None, help="Dry-run folder (default: <adapter_dir>-upload)."
-    )
-    parser.add_argument("--overwrite", action="store_true", help="Replace an existing --output-dir.")
-    args = parser.parse_args(argv)
-    if args.create_pr and args.revision not in (None, "main"):
-        parser.error("--create-pr opens a pull request against main; drop --revision.")
-    if args.output_dir is not None and not args.dry_run:
-        parser.error("--output-dir only applies with --dry-run.")
-    return args
+    dry_run: bool = field(default=False, metadata={"help": "Write the upload folder instead of pushing."})
+    output_dir: Path | None = field(default=None, metadata={"help": "Dry-run folder (default: <adapter_dir>-upload)."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output-dir."})
+
+    def __post_init__(self) -> None:
+        if self.create_pr and self.revision not in (None, "main"):
+            raise ValueError("--create-pr opens a pull request against main; drop --revision.")
+        if self.output_dir is not None and not self.dry_run:
+            raise ValueError("--output-dir only applies with --dry-run.")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    (args,) = parse_arguments((PushArguments,), argv, description=__doc__)
     if args.dry_run:
         output_dir = args.output_dir or args.adapter_dir.with_name(f"{args.adapter_dir.resolve().name}-upload")
         folder = prepare_upload_folder(

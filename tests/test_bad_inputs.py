@@ -29,8 +29,8 @@ from test_training import tiny_base as tiny_upernet
 
 from peft_medseg import VisualPromptConfig
 from peft_medseg.data import DataValidationError, load_folder_dataset, load_nifti_dataset
-from peft_medseg.evaluation import absent_classes_note, evaluate_segmentation
 from peft_medseg.models import build_image_processor
+from peft_medseg.scoring import absent_classes_note, evaluate_segmentation
 from peft_medseg.storage import (
     OutputDirError,
     atomic_directory,
@@ -58,6 +58,7 @@ REPO = Path(__file__).resolve().parents[1]
 def recipe(name: str):
     spec = importlib.util.spec_from_file_location(name, REPO / "recipes" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve their annotations through it
     spec.loader.exec_module(module)
     return module
 
@@ -293,7 +294,7 @@ def test_center_name_that_would_escape_the_output_folder_is_refused(tmp_path):
     output = tmp_path / "out" / "paper"
     with pytest.raises(DataValidationError, match=r"center name 'x/\.\./\.\./VICTIM' cannot be used in a file name"):
         load_multicenter_dataset(str(tmp_path / "hf"))
-    from peft_medseg.paper import ProtocolConfig, run_protocol
+    from peft_medseg.experiments.paper import ProtocolConfig, run_protocol
 
     with pytest.raises(DataValidationError, match="VICTIM"):
         run_protocol(ProtocolConfig(dataset=str(tmp_path / "hf"), held_out=["x/../../VICTIM"]), output)

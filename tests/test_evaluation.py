@@ -9,9 +9,10 @@ import pytest
 import torch
 from test_training import IMAGE_SIZE, NUM_LABELS, make_folder_dataset, tiny_base
 
-from peft_medseg.evaluation import BASE_ROW, ROUTED_ROW, center_matrix, evaluate_segmentation
+from peft_medseg.matrix import BASE_ROW, ROUTED_ROW, center_matrix
 from peft_medseg.models import build_image_processor
 from peft_medseg.plots import plot_dice_heatmap
+from peft_medseg.scoring import evaluate_segmentation
 from peft_medseg.training import eval_transform, load_multicenter_dataset, prepare_model, save_finetuned
 
 

@@ -16,24 +16,25 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers as T
 from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
 from local_hub import LocalHub, Repo  # tests/ is on sys.path under pytest's default import mode
 from peft import get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import UperNetForSemanticSegmentation
+from transformers import AutoModelForSemanticSegmentation
 
 import peft_medseg
 from peft_medseg.hub import (
     prepare_upload_folder,
     read_evaluation,
     render_adapter_card,
-    validate_adapter_folder,
     validate_card_metadata,
     validate_evaluation,
 )
 from peft_medseg.hub import push as push_module
 from peft_medseg.models import build_segmentation_model
+from peft_medseg.visual_prompt import check_adapter_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_local_test_token"
@@ -54,14 +55,11 @@ EVALUATION = {
 }
 
 
-@pytest.fixture(scope="module")
-def adapter(tmp_path_factory) -> dict[str, Path]:
-    """A tiny base saved to disk (so every process loads identical weights), a deep VPT adapter on it, its eval JSON."""
-    root = tmp_path_factory.mktemp("adapter")
+def _saved_adapter(root: Path, base: torch.nn.Module, config: peft_medseg.VisualPromptConfig) -> dict[str, Path]:
+    """`base` saved to disk (so every process loads identical weights), an adapter on it, its eval JSON."""
     torch.manual_seed(0)
-    build_segmentation_model("tiny", num_labels=3, image_size=32).save_pretrained(root / "base")
-    base = UperNetForSemanticSegmentation.from_pretrained(root / "base")
-    config = peft_medseg.VisualPromptConfig(num_virtual_tokens=4, modules_to_save=["decode_head.classifier"])
+    base.save_pretrained(root / "base")
+    base = AutoModelForSemanticSegmentation.from_pretrained(root / "base")
     model = get_peft_model(base, config)
     with torch.no_grad():  # trained-looking prompts: a random-init adapter could hide a failed load
         for param in model.parameters():
@@ -75,6 +73,43 @@ def adapter(tmp_path_factory) -> dict[str, Path]:
     with torch.no_grad():
         torch.save(model(pixel_values=pixel_values).logits, root / "expected_logits.pt")
     return {"root": root, "base": root / "base", "adapter": root / "center-B", "eval": root / "eval.json"}
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory) -> dict[str, Path]:
+    """A deep VPT adapter (token prompts) on a tiny DINOv2 + UperNet base."""
+    torch.manual_seed(0)
+    base = build_segmentation_model("tiny", num_labels=3, image_size=32)
+    config = peft_medseg.VisualPromptConfig(num_virtual_tokens=4, modules_to_save=["decode_head.classifier"])
+    return _saved_adapter(tmp_path_factory.mktemp("adapter"), base, config)
+
+
+KEY_VALUE_BASES = {
+    # Every stage its own width: key/value prompts are (num_virtual_tokens, stage width), not one hidden size.
+    "segformer": lambda: T.SegformerForSemanticSegmentation(
+        T.SegformerConfig(num_labels=3, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], decoder_hidden_size=16)
+    ),
+    "swin": lambda: T.UperNetForSemanticSegmentation(
+        T.UperNetConfig(
+            backbone_config=T.SwinConfig(
+                embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], image_size=32, out_features=STAGES
+            ),
+            hidden_size=16,
+            use_auxiliary_head=False,
+            num_labels=3,
+        )
+    ),
+}
+STAGES = ["stage1", "stage2", "stage3", "stage4"]
+
+
+@pytest.fixture(scope="module", params=sorted(KEY_VALUE_BASES))
+def kv_adapter(request, tmp_path_factory) -> dict[str, Path]:
+    """A key/value prompt adapter on a tiny SegFormer or Swin base (the widths differ from stage to stage)."""
+    torch.manual_seed(0)
+    base = KEY_VALUE_BASES[request.param]()
+    config = peft_medseg.VisualPromptConfig(num_virtual_tokens=3, prompt_mode="key_value")
+    return _saved_adapter(tmp_path_factory.mktemp(f"kv-{request.param}"), base, config)
 
 
 # ---- evaluation JSON ------------------------------------------------------------------------------------------------
@@ -114,7 +149,7 @@ def test_evaluation_tolerates_missing_optional_parts_and_undefined_hd95(tmp_path
 
 
 def test_card_renders_with_metadata_that_huggingface_hub_parses(adapter):
-    check = validate_adapter_folder(adapter["adapter"])
+    check = check_adapter_folder(adapter["adapter"])
     card = render_adapter_card(
         check.config,
         validate_evaluation(EVALUATION),
@@ -182,8 +217,8 @@ def _copy_adapter(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_validate_adapter_folder_rejects_weights_that_do_not_fit_the_stated_base(adapter, tmp_path):
-    check = validate_adapter_folder(adapter["adapter"])
+def test_check_adapter_folder_rejects_weights_that_do_not_fit_the_stated_base(adapter, tmp_path):
+    check = check_adapter_folder(adapter["adapter"])
     assert check.num_prompt_tensors == 4  # deep VPT on the 4 blocks of the tiny base
     assert check.trainable_parameters == 4 * 4 * 64 + 3 * 64 + 3  # prompts + saved decode_head.classifier
 
@@ -191,23 +226,23 @@ def test_validate_adapter_folder_rejects_weights_that_do_not_fit_the_stated_base
     config = json.loads((wrong_width / "adapter_config.json").read_text())
     (wrong_width / "adapter_config.json").write_text(json.dumps({**config, "hidden_size": 32}))
     with pytest.raises(ValueError, match=r"adapter_model\.safetensors: tensor '.*vpt_prompt' has shape \(4, 64\)"):
-        validate_adapter_folder(wrong_width)
+        check_adapter_folder(wrong_width)
 
     missing_block = _copy_adapter(adapter["adapter"], tmp_path / "missing-block")
     weights = load_file(missing_block / "adapter_model.safetensors")
     del weights[next(key for key in sorted(weights) if "vpt_prompt" in key)]
     save_file(weights, missing_block / "adapter_model.safetensors")
     with pytest.raises(ValueError, match="holds 3 prompt tensor"):
-        validate_adapter_folder(missing_block)
+        check_adapter_folder(missing_block)
 
     not_vpt = _copy_adapter(adapter["adapter"], tmp_path / "not-vpt")
     (not_vpt / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "LORA"}))
     with pytest.raises(
         ValueError, match=r"adapter_config\.json: field 'peft_type' must be 'VISUAL_PROMPT', got 'LORA'"
     ):
-        validate_adapter_folder(not_vpt)
+        check_adapter_folder(not_vpt)
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
-        validate_adapter_folder(tmp_path)
+        check_adapter_folder(tmp_path)
 
 
 def test_dry_run_writes_the_upload_folder_atomically(adapter, tmp_path, monkeypatch):
@@ -217,7 +252,14 @@ def test_dry_run_writes_the_upload_folder_atomically(adapter, tmp_path, monkeypa
     finally:
         sys.path.remove(str(REPO_ROOT / "recipes"))
     out = tmp_path / "upload"
-    args = [str(adapter["adapter"]), "--repo-id", "org/center-B", "--evaluation", str(adapter["eval"])]
+    args = [
+        "--adapter_dir",
+        str(adapter["adapter"]),
+        "--repo-id",
+        "org/center-B",
+        "--evaluation",
+        str(adapter["eval"]),
+    ]
     assert push_adapter.main([*args, "--dry-run", "--output-dir", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == UPLOADED
     assert sorted(p.name for p in tmp_path.iterdir()) == ["upload"]  # no temporary folder left behind
@@ -283,12 +325,12 @@ ONLINE_CLIENT = textwrap.dedent(
     import peft_medseg  # registers VISUAL_PROMPT, without which peft cannot read the adapter config
     from peft import PeftModel
     from peft_medseg.hub import push_adapter_to_hub
-    from transformers import UperNetForSemanticSegmentation
+    from transformers import AutoModelForSemanticSegmentation
 
     recipe, adapter_dir, evaluation, base_dir, pixel_values, out = sys.argv[1:7]
 
     # 1. The recipe, as a script, pushes to a new private repo.
-    sys.argv = [recipe, adapter_dir, "--repo-id", "org/center-B", "--evaluation", evaluation, "--private"]
+    sys.argv = [recipe, "--adapter_dir", adapter_dir, "--repo-id", "org/center-B", "--evaluation", evaluation, "--private"]
     try:
         runpy.run_path(recipe, run_name="__main__")
     except SystemExit as exit:
@@ -304,7 +346,7 @@ ONLINE_CLIENT = textwrap.dedent(
         print("REFUSED", error)
 
     # 3. Pull by repo id with peft (a private repo: the token comes from HF_TOKEN); this fills the HF cache.
-    base = UperNetForSemanticSegmentation.from_pretrained(base_dir)
+    base = AutoModelForSemanticSegmentation.from_pretrained(base_dir)
     model = PeftModel.from_pretrained(base, "org/center-B").eval()
     with torch.no_grad():
         torch.save(model(pixel_values=torch.load(pixel_values)).logits, out)
@@ -316,15 +358,15 @@ OFFLINE_CLIENT = textwrap.dedent(
     import sys, torch
     import peft_medseg
     from peft import PeftModel
-    from transformers import UperNetForSemanticSegmentation
+    from transformers import AutoModelForSemanticSegmentation as Auto
 
     base_dir, pixel_values, out = sys.argv[1:4]
-    model = PeftModel.from_pretrained(UperNetForSemanticSegmentation.from_pretrained(base_dir), "org/center-B").eval()
+    model = PeftModel.from_pretrained(Auto.from_pretrained(base_dir), "org/center-B").eval()
     with torch.no_grad():
         torch.save(model(pixel_values=torch.load(pixel_values)).logits, out)
     # A repo the cache never saw must fail, not load something else.
     try:
-        PeftModel.from_pretrained(UperNetForSemanticSegmentation.from_pretrained(base_dir), "org/center-Z")
+        PeftModel.from_pretrained(Auto.from_pretrained(base_dir), "org/center-Z")
     except Exception as error:
         print("NOT CACHED", type(error).__name__)
     """
@@ -333,6 +375,25 @@ OFFLINE_CLIENT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_push_and_pull_round_trip_through_huggingface_hub(adapter, tmp_path):
+    round_trip(adapter, tmp_path)
+
+
+@pytest.mark.slow
+def test_key_value_adapters_pass_the_dry_run_and_the_round_trip(kv_adapter, tmp_path):
+    check = check_adapter_folder(kv_adapter["adapter"])
+    widths = {
+        load_file(kv_adapter["adapter"] / "adapter_model.safetensors")[k].shape[1] for k in _prompt_keys(kv_adapter)
+    }
+    assert check.num_prompt_tensors == 4 and len(widths) > 1  # one set per block, at each stage's width
+    round_trip(kv_adapter, tmp_path)
+
+
+def _prompt_keys(adapter: dict[str, Path]) -> list[str]:
+    return [k for k in load_file(adapter["adapter"] / "adapter_model.safetensors") if "vpt_prompt" in k]
+
+
+def round_trip(adapter: dict[str, Path], tmp_path: Path) -> None:
+    """Dry run, push, PR, branch, refusal, online pull and offline pull of `adapter` through the real client."""
     root, expected = adapter["root"], torch.load(adapter["root"] / "expected_logits.pt")
     dry_run = tmp_path / "dry-run"
     prepare_upload_folder(adapter["adapter"], dry_run, repo_id="org/center-B", evaluation_path=adapter["eval"])

@@ -6,8 +6,8 @@ import math
 import pytest
 from test_training import make_folder_dataset
 
-from peft_medseg.paper import ProtocolConfig, run_protocol
-from peft_medseg.paper_report import summarize
+from peft_medseg.experiments.paper import ProtocolConfig, run_protocol
+from peft_medseg.experiments.paper_report import summarize
 
 
 @pytest.fixture(scope="module")

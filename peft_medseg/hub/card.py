@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.resources
 import math
 import os
 import re
@@ -12,8 +13,21 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.repocard_data import eval_results_to_model_index
 
+
 # The templates live at the top of the repository, next to the recipes that use them.
-CARD_TEMPLATE_PATH = Path(__file__).resolve().parents[2] / "hub_cards" / "center_adapter.md"
+def _card_template_path() -> Path:
+    """The packaged template: `hub_cards/` is installed as `peft_medseg.hub_cards` (pyproject `package-dir`), so the
+    card renders from a regular wheel install as from a checkout."""
+    try:
+        packaged = importlib.resources.files("peft_medseg.hub_cards") / "center_adapter.md"
+        if packaged.is_file():
+            return Path(str(packaged))
+    except ModuleNotFoundError:
+        pass
+    return Path(__file__).resolve().parents[2] / "hub_cards" / "center_adapter.md"
+
+
+CARD_TEMPLATE_PATH = _card_template_path()
 
 REQUIRED_TAGS = ("medical-image-segmentation", "visual-prompt-tuning")
 CARD_TAGS = [*REQUIRED_TAGS, "image-segmentation", "peft", "peft_medseg", "vpt"]
@@ -65,7 +79,7 @@ def build_card_data(
 
     Args:
         adapter_config: The adapter's `adapter_config.json` as a dict.
-        evaluation: A validated evaluation dict (see `peft_medseg.hub.evaluation`); gives `model-index` and `datasets`.
+        evaluation: A validated evaluation dict (see `peft_medseg.hub.evaluation_record`); gives `model-index` and `datasets`.
         repo_id: Name of the model in `model-index`; defaults to `peft_medseg-vpt-center-<center>`.
         license: SPDX-style license id of the adapter.
         base_model: Hub id of the base; defaults to the adapter's `base_model_name_or_path`. Left out of the

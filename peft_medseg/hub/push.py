@@ -2,121 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi
-from safetensors import safe_open
 
-from ..storage import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, atomic_directory
+from ..storage import EVALUATION_FILENAME, atomic_directory
+from ..visual_prompt import AdapterCheck, check_adapter_folder
+from ..visual_prompt.files import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 from .card import DEFAULT_LICENSE, render_adapter_card, validate_card_metadata
-from .evaluation import EVALUATION_FILENAME, read_evaluation
+from .evaluation_record import read_evaluation
 
 CARD_NAME = "README.md"
-PEFT_TYPE = "VISUAL_PROMPT"
-# Saved prompt tensors have this in their key: one (num_virtual_tokens, hidden_size) tensor per prompted block.
-PROMPT_KEY = "visual_prompt.vpt_prompt"
-
-
-@dataclass
-class AdapterCheck:
-    """What `validate_adapter_folder` found: the config as saved, and facts about the weights for the card."""
-
-    adapter_dir: Path
-    config: dict[str, Any]
-    num_prompt_tensors: int
-    trainable_parameters: int
-    adapter_bytes: int
-
-
-def _expected_prompted_blocks(config: dict[str, Any]) -> int:
-    # Mirrors VisualPromptConfig: `layers` names the prompted blocks; None means all of them (deep) or the first.
-    if config.get("layers"):
-        return len(config["layers"])
-    return config["num_blocks"] if config.get("deep", True) else 1
-
-
-def validate_adapter_folder(adapter_dir: str | Path) -> AdapterCheck:
-    """Check that a folder is a loadable visual prompt adapter whose weights fit the base architecture it states.
-
-    The config must load as a `peft_medseg.VisualPromptConfig` and carry the fields resolved from the base
-    (`hidden_size`, `num_blocks`); the weights must hold one `(num_virtual_tokens, hidden_size)` prompt per prompted
-    block. Checking against the base model itself (weights fingerprint, base id) happens when the adapter is loaded.
-
-    Raises:
-        FileNotFoundError: naming the missing folder or file.
-        ValueError: naming the file, the field or tensor key, and the offending value.
-    """
-    import peft_medseg  # registers the VISUAL_PROMPT type with peft; imported here so card/evaluation need no torch
-
-    adapter_dir = Path(adapter_dir)
-    config_path, weights_path = adapter_dir / ADAPTER_CONFIG_NAME, adapter_dir / ADAPTER_WEIGHTS_NAME
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: not found. Is {adapter_dir} an adapter saved with save_pretrained?")
-
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{config_path}: not valid JSON ({error}).") from error
-    if not isinstance(config, dict) or config.get("peft_type") != PEFT_TYPE:
-        found = config.get("peft_type") if isinstance(config, dict) else config
-        raise ValueError(f"{config_path}: field 'peft_type' must be {PEFT_TYPE!r}, got {found!r}.")
-    try:
-        peft_medseg.VisualPromptConfig.from_pretrained(str(adapter_dir))
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{config_path}: does not load as a VisualPromptConfig: {error}") from error
-    for name in ("hidden_size", "num_blocks", "num_virtual_tokens"):
-        value = config.get(name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(
-                f"{config_path}: field '{name}' must be a positive integer resolved from the base model, got"
-                f" {value!r}. Save the adapter from a model made with get_peft_model."
-            )
-    bad_layers = [i for i in config.get("layers") or [] if not 0 <= i < config["num_blocks"]]
-    if bad_layers:
-        raise ValueError(
-            f"{config_path}: field 'layers' has {bad_layers}, outside the base's {config['num_blocks']} blocks."
-        )
-
-    expected_shape = (config["num_virtual_tokens"], config["hidden_size"])
-    num_prompts, num_parameters = 0, 0
-    with safe_open(str(weights_path), framework="pt") as weights:
-        for key in weights.keys():
-            shape = tuple(weights.get_slice(key).get_shape())
-            num_parameters += _numel(shape)
-            if PROMPT_KEY in key:
-                num_prompts += 1
-                if shape != expected_shape:
-                    raise ValueError(
-                        f"{weights_path}: tensor '{key}' has shape {shape}, but {ADAPTER_CONFIG_NAME} states"
-                        f" (num_virtual_tokens, hidden_size) = {expected_shape}."
-                    )
-    expected_prompts = _expected_prompted_blocks(config)
-    if num_prompts != expected_prompts:
-        raise ValueError(
-            f"{weights_path}: holds {num_prompts} prompt tensor(s) ('{PROMPT_KEY}' keys), but {ADAPTER_CONFIG_NAME}"
-            f" (deep={config.get('deep')}, layers={config.get('layers')}, num_blocks={config['num_blocks']}) needs"
-            f" {expected_prompts}."
-        )
-    return AdapterCheck(
-        adapter_dir=adapter_dir,
-        config=config,
-        num_prompt_tensors=num_prompts,
-        trainable_parameters=num_parameters,
-        adapter_bytes=weights_path.stat().st_size,
-    )
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def prepare_upload_folder(
@@ -150,7 +49,7 @@ def prepare_upload_folder(
         FileExistsError: if `output_dir` exists and `overwrite` is False.
         ValueError / FileNotFoundError: from the adapter, evaluation and card checks, naming file and field.
     """
-    check = validate_adapter_folder(adapter_dir)
+    check = check_adapter_folder(adapter_dir)
     evaluation = read_evaluation(evaluation_path) if evaluation_path is not None else None
     if evaluation is not None:
         _check_same_base(check, evaluation, evaluation_path)

@@ -1,16 +1,9 @@
 """Training for multi-center segmentation: methods (VPT, LoRA, partial, full), loss, data setup and the loop."""
 
+from ..data import SYNTHETIC, load_multicenter_dataset, parse_label_map  # re-exported: the recipes' data entry
 from ..storage import atomic_directory, is_adapter_folder, load_base, load_finetuned, save_finetuned
 from .checkpoint import trainable_state
-from .data import (
-    SYNTHETIC,
-    eval_transform,
-    load_multicenter_dataset,
-    parse_label_map,
-    restrict_centers,
-    split_validation,
-    train_transform,
-)
+from .data import eval_transform, split_validation, train_transform
 from .finetune import FinetuneOutcome, finetune_center, pretrain_base
 from .loop import (
     TrainingConfig,
@@ -23,6 +16,7 @@ from .loss import segmentation_loss
 from .methods import (
     CLASSIFIER_MODULE,
     DEFAULT_LEARNING_RATES,
+    DEFAULT_METHOD,
     LORA_TARGET_MODULES,
     METHODS,
     PEFT_METHODS,
@@ -40,6 +34,7 @@ __all__ = [
     "CLASSIFIER_MODULE",
     "FinetuneOutcome",
     "DEFAULT_LEARNING_RATES",
+    "DEFAULT_METHOD",
     "LORA_TARGET_MODULES",
     "METHODS",
     "PEFT_METHODS",
@@ -63,7 +58,6 @@ __all__ = [
     "parse_label_map",
     "prepare_model",
     "pretrain_base",
-    "restrict_centers",
     "save_finetuned",
     "segmentation_loss",
     "set_train_mode",

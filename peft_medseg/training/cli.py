@@ -1,14 +1,97 @@
-"""Command-line arguments shared by the training recipes (data, optimisation, accelerate, checkpoints)."""
+"""Command lines of the recipes: `HfArgumentParser` over argument dataclasses, config files, one-line errors.
+
+Each recipe declares its own arguments as a dataclass and shares `DataArguments`, `AccelerateArguments` and
+`TrainingConfig` (the training loop's settings). `parse_arguments` reads them from the command line, or from one
+JSON/YAML file (`python recipes/finetune_center.py config.yaml`) whose keys are the same names.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
 
-from .loop import TrainingConfig
+import yaml
+from transformers import HfArgumentParser
 
 DEBUG_FLAG = "--debug"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the help, and the recipe's docstring (its examples) as written."""
+
+
+CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
+
+
+@dataclass
+class DataArguments:
+    """Which data, and how its labels read."""
+
+    dataset: str = field(
+        default="synthetic",
+        metadata={
+            "help": "'synthetic' (the embedded simulated multi-center brain MRI, generated on first use), a folder "
+            "<root>/<center>/images|masks (e.g. ../shared/data/breast_us), or a datasets id / save_to_disk folder."
+        },
+    )
+    num_labels: int | None = field(
+        default=None, metadata={"help": "Number of classes (default: from the data, or from the base model)."}
+    )
+    label_map: list[str] | None = field(
+        default=None,
+        metadata={"help": "Rewrite mask values to class ids first, VALUE=ID, e.g. 255=1 for 0/255 masks."},
+    )
+    validation_fraction: float = field(
+        default=0.2,
+        metadata={"help": "Share of each center's training cases held out for validation and best-epoch selection."},
+    )
+    augmentation: bool = field(default=True, metadata={"help": "Random augmentation of training rows."})
+
+
+@dataclass
+class AccelerateArguments:
+    """What `make_accelerator` takes from the command line."""
+
+    mixed_precision: Literal["no", "fp16", "bf16"] = field(default="no", metadata={"help": "Autocast precision."})
+    report_to: str | None = field(
+        default=None, metadata={"help": "Tracker for accelerate, e.g. 'tensorboard' (pip install tensorboard)."}
+    )
+
+
+def parse_arguments(
+    dataclass_types: Sequence[type],
+    argv: Sequence[str] | None = None,
+    defaults: dict[str, Any] | None = None,
+    description: str | None = None,
+) -> tuple:
+    """The recipe's dataclasses, from `argv` or from a single JSON/YAML file given as the only argument.
+
+    `defaults` are the recipe's own defaults for shared fields (e.g. more epochs for pretraining). Unknown keys in a
+    config file, and unknown options, are errors naming them.
+    """
+    parser = HfArgumentParser(dataclass_types, description=description, formatter_class=HelpFormatter)
+    parser.set_defaults(**(defaults or {}))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) == 1 and argv[0].endswith(CONFIG_SUFFIXES):
+        path = Path(argv[0])
+        try:
+            text = path.read_text(encoding="utf-8")
+            values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (OSError, ValueError, yaml.YAMLError) as error:
+            raise ValueError(f"{path}: unreadable config file ({error}).") from error
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a mapping of argument names to values.")
+        try:
+            return parser.parse_dict({**(defaults or {}), **values})
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from error
+    return parser.parse_args_into_dataclasses(argv)
 
 
 def run_recipe(main: Callable[[list[str]], object], argv: list[str] | None = None) -> None:
@@ -33,86 +116,10 @@ def run_recipe(main: Callable[[list[str]], object], argv: list[str] | None = Non
         sys.exit(status)
 
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--dataset`, `--num_labels`, `--validation_fraction`."""
-    group = parser.add_argument_group("data")
-    group.add_argument(
-        "--dataset",
-        default="synthetic",
-        help="'synthetic' (the embedded simulated multi-center brain MRI, generated on first use), a folder "
-        "<root>/<center>/images|masks (e.g. /work/shared/data/breast_us), or a datasets id / save_to_disk folder.",
-    )
-    group.add_argument(
-        "--num_labels", type=int, default=None, help="Number of classes (default: from the data; 4 for synthetic)."
-    )
-    group.add_argument(
-        "--validation_fraction",
-        type=float,
-        default=0.2,
-        help="Share of each center's training cases held out for validation and best-epoch selection (by case hash).",
-    )
-    group.add_argument(
-        "--label_map",
-        nargs="+",
-        default=None,
-        metavar="VALUE=ID",
-        help="Rewrite mask values to class ids before anything else, e.g. 255=1 for 0/255 masks.",
-    )
-    group.add_argument("--no_augmentation", action="store_true", help="Train without random augmentation.")
-
-
-def add_training_arguments(
-    parser: argparse.ArgumentParser, default_epochs: int = 10, default_batch_size: int = 8
-) -> None:
-    """Optimisation, accelerate and checkpointing arguments; read them back with `training_config_from_args`."""
-    group = parser.add_argument_group("training")
-    group.add_argument("--learning_rate", type=float, default=None, help="AdamW learning rate (default: per method).")
-    group.add_argument("--num_epochs", type=int, default=default_epochs)
-    group.add_argument("--batch_size", type=int, default=default_batch_size, help="Per process.")
-    group.add_argument("--eval_batch_size", type=int, default=16)
-    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    group.add_argument("--weight_decay", type=float, default=0.0)
-    group.add_argument(
-        "--dice_weight", type=float, default=1.0, help="Loss = cross-entropy + dice_weight x soft Dice."
-    )
-    group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--max_train_steps", type=int, default=None, help="Stop after this many optimizer steps.")
-    group.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes.")
-    group = parser.add_argument_group("accelerate")
-    group.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
-    group.add_argument(
-        "--report_to", default=None, help="Tracker for accelerate, e.g. 'tensorboard' (pip install tensorboard)."
-    )
-    group.add_argument(
-        "--checkpointing_steps",
-        type=int,
-        default=None,
-        help="Also save the training state every N optimizer steps (every epoch end always is).",
-    )
-    group.add_argument(
-        "--checkpoint_dir", default=None, help="Where training states go (default: <output_dir>-checkpoints)."
-    )
-    group.add_argument(
-        "--resume_from_checkpoint",
-        default=None,
-        help="A checkpoint folder (step-N) or 'latest' (the newest complete one in --checkpoint_dir).",
-    )
-
-
-def training_config_from_args(args: argparse.Namespace, learning_rate: float) -> TrainingConfig:
-    """The `TrainingConfig` of parsed arguments (`learning_rate` resolved by the caller)."""
-    return TrainingConfig(
-        learning_rate=learning_rate,
-        num_epochs=args.num_epochs,
-        batch_size=args.batch_size,
-        eval_batch_size=args.eval_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        weight_decay=args.weight_decay,
-        dice_weight=args.dice_weight,
-        seed=args.seed,
-        checkpoint_dir=args.checkpoint_dir or f"{str(args.output_dir).rstrip('/')}-checkpoints",
-        checkpointing_steps=args.checkpointing_steps,
-        resume_from_checkpoint=args.resume_from_checkpoint,
-        max_train_steps=args.max_train_steps,
-        num_workers=args.num_workers,
+def resolve_training_config(config, output_dir: str, learning_rate: float):
+    """`config` with the recipe's defaults filled in: the learning rate, and checkpoints in `<output_dir>-checkpoints`."""
+    return dataclasses.replace(
+        config,
+        learning_rate=config.learning_rate if config.learning_rate is not None else learning_rate,
+        checkpoint_dir=config.checkpoint_dir or f"{str(output_dir).rstrip('/')}-checkpoints",
     )

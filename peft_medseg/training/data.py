@@ -1,109 +1,11 @@
-"""Inputs of the recipes: a multi-center dataset from a name or path, the validation split, seeded augmentation."""
+"""Inputs of training: the validation split of a center's training rows, and its (seeded) preprocessing."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from functools import partial
-from pathlib import Path
+from datasets import Dataset
 
-import numpy as np
-from datasets import Dataset, DatasetDict
-
-from ..data import (
-    DataValidationError,
-    SegmentationTransform,
-    center_names,
-    few_shot_subset,
-    hash_split,
-    load_folder_dataset,
-    load_hf_segmentation_dataset,
-    select_centers,
-)
+from ..data import SegmentationTransform, few_shot_subset, hash_split
 from ..data.transforms import AugmentationConfig
-from ..data.validation import check_safe_name
-
-SYNTHETIC = "synthetic"
-IGNORE_INDEX = 255  # the label of pixels that neither train nor score (see `segmentation_loss`)
-
-
-def load_multicenter_dataset(
-    dataset: str,
-    centers: Sequence[str] | None = None,
-    num_labels: int | None = None,
-    label_map: Mapping[int, int] | None = None,
-) -> tuple[DatasetDict, dict[int, str]]:
-    """A train/test `DatasetDict` (columns image, label, center, case_id) and its id2label.
-
-    `dataset` is `"synthetic"` (the embedded simulated brain MRI, generated and cached on first use), a local folder
-    (`<root>/<center>/images|masks`) or anything `datasets` loads (a `save_to_disk` folder or a Hub id).
-
-    Label ids are checked before anything trains: `label_map` first rewrites mask values (`{255: 1}` for 0/255
-    masks); then the training masks must hold exactly the ids `0..K-1`, each at least once, with `K = num_labels`
-    when given (a base's `num_labels`: data with fewer classes would be scored on classes it never has). Center
-    names must be usable in file names (see `check_safe_name`). Errors name the dataset and the values found.
-    """
-    if dataset == SYNTHETIC:
-        from ..data.synthetic import ID2LABEL, load_synthetic_mri
-
-        data, id2label = load_synthetic_mri(centers=list(centers) if centers else None), dict(ID2LABEL)
-    else:
-        path = Path(dataset)
-        # With a label map the raw values are not ids yet: the ranges are checked after mapping.
-        loader_labels = None if label_map else num_labels
-        if path.is_dir() and any((child / "images").is_dir() for child in path.iterdir()):
-            data = load_folder_dataset(path, centers=centers, num_labels=loader_labels)
-        else:
-            data = load_hf_segmentation_dataset(dataset, centers=centers, num_labels=loader_labels)
-        id2label = None
-    for center in center_names(data):
-        check_safe_name(center, f"{dataset}: center name")
-    if label_map:
-        data = data.map(partial(_map_labels, label_map=dict(label_map)), input_columns="label", desc="label map")
-    values = _label_values(data["train"])
-    found = values[values != IGNORE_INDEX]  # 255 marks pixels to ignore (loss and scores skip them)
-    expected = num_labels or (len(id2label) if id2label else int(found.max(initial=0)) + 1)
-    if expected < 2 or found.tolist() != list(range(expected)):
-        if not label_map and IGNORE_INDEX in values and found.tolist() == [0]:
-            hint = f"for 0/{IGNORE_INDEX} masks map the foreground to class 1 (--label_map {IGNORE_INDEX}=1)"
-        elif not label_map and found.max(initial=0) > len(found):
-            hint = f"map the mask values to class ids (--label_map VALUE=ID, e.g. {int(found.max())}=1)"
-        else:
-            hint = "check that this data and the model share a label set"
-        raise DataValidationError(
-            f"{dataset}: the training masks hold label values {values.tolist()[:10]}, expected each of "
-            f"0..{max(expected, 2) - 1}{' (the model has ' + str(num_labels) + ' classes)' if num_labels else ''}; "
-            f"{hint}."
-        )
-    return data, id2label or {i: str(i) for i in range(expected)}
-
-
-def parse_label_map(entries: Sequence[str] | None) -> dict[int, int] | None:
-    """`["255=1", "128=2"]` (the `--label_map` argument) as `{255: 1, 128: 2}`."""
-    if not entries:
-        return None
-    mapping = {}
-    for entry in entries:
-        source, sep, target = entry.partition("=")
-        if not sep or not source.strip().isdigit() or not target.strip().isdigit():
-            raise ValueError(f"--label_map entry {entry!r}: expected VALUE=ID with two non-negative integers.")
-        mapping[int(source)] = int(target)
-    return mapping
-
-
-def _map_labels(label, label_map: dict[int, int]) -> dict:
-    array = np.asarray(label).copy()
-    original = array.copy()
-    for source, target in label_map.items():
-        array[original == source] = target
-    return {"label": array.astype(np.uint8 if array.max() < 256 else np.int32)}
-
-
-def _label_values(dataset: Dataset) -> np.ndarray:
-    """The sorted label values used by a split's masks."""
-    values: set[int] = set()
-    for label in dataset.with_format(None)["label"]:
-        values.update(np.unique(np.asarray(label)).tolist())
-    return np.array(sorted(values), dtype=np.int64)
 
 
 def split_validation(
@@ -130,11 +32,6 @@ def split_validation(
     return fit, validation
 
 
-def restrict_centers(data: DatasetDict, centers: Sequence[str] | None) -> DatasetDict:
-    """`data` with only `centers` (all when None)."""
-    return data if not centers else select_centers(data, list(centers))
-
-
 def train_transform(image_processor, seed: int = 0, augmentation: AugmentationConfig | None = None):
     """The augmenting preprocessing of training rows, seeded per sample (see `SegmentationTransform`)."""
     return SegmentationTransform(image_processor, train=True, augmentation=augmentation, seed=seed)
@@ -145,13 +42,4 @@ def eval_transform(image_processor) -> SegmentationTransform:
     return SegmentationTransform(image_processor, train=False)
 
 
-__all__ = [
-    "SYNTHETIC",
-    "center_names",
-    "eval_transform",
-    "load_multicenter_dataset",
-    "parse_label_map",
-    "restrict_centers",
-    "split_validation",
-    "train_transform",
-]
+__all__ = ["eval_transform", "split_validation", "train_transform"]

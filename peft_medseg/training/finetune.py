@@ -9,6 +9,7 @@ from accelerate.utils import set_seed
 from datasets import DatasetDict
 from torch import nn
 
+from ..data import select_centers
 from ..models import build_segmentation_model
 from .data import eval_transform, split_validation, train_transform
 from .loop import TrainingConfig, TrainingResult, train_segmentation
@@ -80,11 +81,7 @@ def finetune_center(
     `gradient_checkpointing` recomputes the encoder's activations in the backward pass (None: on for the prompt
     methods, see `uses_gradient_checkpointing`); the gradients are the same.
     """
-    train_rows = data["train"].filter(lambda center: center == new_center, input_columns="center")
-    if len(train_rows) == 0:
-        raise ValueError(
-            f"No training rows for center {new_center!r}; centers: {sorted(set(data['train']['center']))}."
-        )
+    train_rows = select_centers(data["train"], new_center)
     train, validation = split_validation(train_rows, validation_fraction, num_train_cases, config.seed)
     train.set_transform(train_transform(image_processor, config.seed) if augment else eval_transform(image_processor))
     validation.set_transform(eval_transform(image_processor))

@@ -18,9 +18,10 @@ from datasets import Dataset
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from transformers import get_scheduler
 
 from ..data import collate_segmentation
-from ..evaluation import evaluate_segmentation, mean_dice
+from ..scoring import evaluate_segmentation, mean_dice
 from ..storage import atomic_directory, check_no_pickle, recover_interrupted_write
 from .checkpoint import (
     STATE_FILENAME,
@@ -41,25 +42,39 @@ RESUMABLE_WITH_OTHER += ("max_train_steps", "num_workers")
 
 @dataclass
 class TrainingConfig:
-    """Settings of `train_segmentation`. Steps count optimizer updates (one per `gradient_accumulation_steps` batches)."""
+    """Settings of `train_segmentation`, and the training arguments of the recipes (`HfArgumentParser`).
 
-    learning_rate: float
-    num_epochs: int = 10
-    batch_size: int = 8
-    eval_batch_size: int = 16
-    gradient_accumulation_steps: int = 1
-    weight_decay: float = 0.0
-    dice_weight: float = 1.0
-    seed: int = 0
-    # Where accelerate states go (`step-<N>/` folders); None: no checkpoints, no resume.
-    checkpoint_dir: str | None = None
-    # Also checkpoint every N optimizer steps (mid-epoch); every epoch end is always checkpointed.
-    checkpointing_steps: int | None = None
-    # A checkpoint folder, or "latest" for the newest complete one in `checkpoint_dir` (none found: start fresh).
-    resume_from_checkpoint: str | None = None
-    # Stop after this many optimizer steps in total (a budget; also how the tests interrupt a run).
-    max_train_steps: int | None = None
-    num_workers: int = 0
+    Steps count optimizer updates (one per `gradient_accumulation_steps` batches).
+    """
+
+    learning_rate: float | None = field(
+        default=None, metadata={"help": "AdamW learning rate (recipes: default per method, DEFAULT_LEARNING_RATES)."}
+    )
+    num_epochs: int = field(default=10, metadata={"help": "Epochs over the training rows."})
+    batch_size: int = field(default=8, metadata={"help": "Training batch size per process."})
+    eval_batch_size: int = field(default=16, metadata={"help": "Batch size of validation and test scoring."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer step."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warmup steps before the cosine decay to 0."})
+    dice_weight: float = field(default=1.0, metadata={"help": "Loss = cross-entropy + dice_weight x soft Dice."})
+    seed: int = field(default=0, metadata={"help": "Seeds the initial weights, the sampler and augmentation."})
+    checkpoint_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where training states (step-N/) go; None: no checkpoints (recipes: <output_dir>-checkpoints)."
+        },
+    )
+    checkpointing_steps: int | None = field(
+        default=None, metadata={"help": "Also checkpoint every N optimizer steps (every epoch end always is)."}
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={"help": "A checkpoint folder (step-N), or 'latest': the newest complete one in checkpoint_dir."},
+    )
+    max_train_steps: int | None = field(
+        default=None, metadata={"help": "Stop after this many optimizer steps in total (a budget)."}
+    )
+    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
 
 
 @dataclass
@@ -108,6 +123,8 @@ def train_segmentation(
     Build `accelerator` with `make_accelerator` (it needs the seedable sampler for exact resume).
     """
     set_seed(config.seed)
+    if config.learning_rate is None:
+        raise ValueError("TrainingConfig.learning_rate is None: give one (the recipes default it per method).")
     parameters = [p for p in model.parameters() if p.requires_grad]
     if not parameters:
         raise ValueError("The model has no trainable parameters.")
@@ -126,10 +143,13 @@ def train_segmentation(
     total_steps = config.num_epochs * steps_per_epoch
     if config.max_train_steps is not None:
         total_steps = min(total_steps, config.max_train_steps)
-    # Plain (unprepared) cosine schedule stepped once per optimizer update, so it is the same on any process count.
-    schedule_steps = config.num_epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, schedule_steps) / schedule_steps))
+    # transformers' cosine schedule (optional linear warmup), unprepared and stepped once per optimizer update, so it
+    # is the same on any process count.
+    scheduler = get_scheduler(
+        "cosine",
+        optimizer,
+        num_warmup_steps=config.warmup_steps,
+        num_training_steps=config.num_epochs * steps_per_epoch,
     )
     unwrapped = accelerator.unwrap_model(model)
     settings = {k: v for k, v in asdict(config).items() if k not in RESUMABLE_WITH_OTHER}

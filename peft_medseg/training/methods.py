@@ -27,8 +27,10 @@ from torch import nn
 from transformers import PreTrainedModel
 
 # Importing the package registers the visual prompt method with peft.
-from ..visual_prompt import VisualPromptConfig
+from ..visual_prompt import VisualPromptConfig, keep_frozen_norms_in_eval
 
+# The method of `finetune_center.py`, `make demo` and the model card unless one is chosen (README, "What we measured").
+DEFAULT_METHOD = "vpt-deep-norms"
 METHODS = ("vpt-deep", "vpt-shallow", "vpt-deep-norms", "vpt-kv", "lora", "decoder", "classifier", "full")
 PEFT_METHODS = ("vpt-deep", "vpt-shallow", "vpt-deep-norms", "vpt-kv", "lora")
 VPT_METHODS = ("vpt-deep", "vpt-shallow", "vpt-deep-norms", "vpt-kv")
@@ -165,13 +167,7 @@ def set_train_mode(model: nn.Module, mode: bool = True) -> nn.Module:
     adapter would give other outputs. The visual prompt tuner does this itself; LoRA and plain models need it here.
     """
     model.train(mode)
-    if mode:
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
-                p.requires_grad for p in module.parameters()
-            ):
-                module.eval()
-    return model
+    return keep_frozen_norms_in_eval(model) if mode else model
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Literal
 
 from peft.config import PeftConfig
-from safetensors import safe_open
 
-from ..registration import VISUAL_PROMPT
-from ..storage import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, read_adapter_config
+from .files import ADAPTER_CONFIG_NAME, check_adapter_weights_file, read_adapter_config
+from .peft_type import VISUAL_PROMPT
 
 # Limits checked before anything is allocated: far above any published VPT setting (at most a few hundred prompts),
 # far below what would exhaust memory by accident (an adapter file's config is data, not code).
@@ -165,23 +164,3 @@ class VisualPromptConfig(PeftConfig):
         if folder.is_dir():
             check_adapter_weights_file(folder)
         return config
-
-
-def check_adapter_weights_file(folder: str | Path) -> Path:
-    """The adapter weights file of a local adapter folder; a clear error naming it when missing or unreadable."""
-    folder = Path(folder)
-    weights = folder / ADAPTER_WEIGHTS_NAME
-    if not weights.is_file():
-        if (folder / "adapter_model.bin").is_file():
-            return folder / "adapter_model.bin"
-        raise FileNotFoundError(
-            f"{weights}: missing. An adapter folder needs adapter_config.json and adapter_model.safetensors "
-            "(written by save_pretrained)."
-        )
-    try:
-        with safe_open(weights, framework="pt") as handle:
-            for key in handle.keys():
-                handle.get_slice(key)
-    except Exception as error:  # safetensors raises its own error type; name the file in ours
-        raise ValueError(f"{weights}: not a readable safetensors file ({error}). Save the adapter again.") from error
-    return weights

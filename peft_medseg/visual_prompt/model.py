@@ -252,14 +252,22 @@ class VisualPromptModel(BaseTuner):
     # ----------------------------------------------------------------- training mode
     def train(self, mode: bool = True):
         super().train(mode)
-        # A frozen BatchNorm would still update its running statistics in train mode; those buffers are not part of
-        # the adapter, so the base would drift and a reloaded adapter would give other outputs. Keep them in eval.
-        for module in self.model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
-                p.requires_grad for p in module.parameters()
-            ):
-                module.eval()
+        keep_frozen_norms_in_eval(self.model)
         return self
+
+
+def keep_frozen_norms_in_eval(model: nn.Module) -> nn.Module:
+    """Put every BatchNorm whose parameters are frozen back in eval mode (call after `model.train()`).
+
+    A frozen BatchNorm would still update its running statistics in train mode; those buffers are not part of an
+    adapter, so the shared base would drift and a reloaded adapter would give other outputs.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+            p.requires_grad for p in module.parameters()
+        ):
+            module.eval()
+    return model
 
 
 def _route_per_sample(wrapper: ModulesToSaveWrapper, x: torch.Tensor, *args, adapter_names: list[str], **kwargs):

@@ -26,8 +26,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-EVALUATION_FILENAME = "evaluation.json"
-
 
 def _fail(source: str, field: str, expected: str, value: Any) -> ValueError:
     return ValueError(f"{source}: field '{field}' must be {expected}, got {value!r}.")

@@ -17,21 +17,19 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import subprocess
-import sys
 import tempfile
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from .evaluation import evaluate_segmentation
-from .models import build_image_processor
-from .profiling import peak_memory_mb
-from .storage import atomic_directory, check_safe_name
-from .training import (
+from ..data import select_centers
+from ..models import image_processor_for
+from ..scoring import evaluate_segmentation
+from ..storage import check_safe_name, save_base
+from ..training import (
+    METHODS,
     PEFT_METHODS,
     TrainingConfig,
     default_learning_rate,
@@ -40,38 +38,73 @@ from .training import (
     load_base,
     load_multicenter_dataset,
     make_accelerator,
-    prepare_model,
     pretrain_base,
-    restrict_centers,
-    segmentation_loss,
-    set_train_mode,
+    uses_gradient_checkpointing,
 )
-from .visual_prompt import BASE_ADAPTER_NAME
+from ..visual_prompt import BASE_ADAPTER_NAME
+from .profiling import measure_in_fresh_process, training_step_probe
 
 PAPER_METHODS = ("direct", "classifier", "decoder", "full", "vpt-shallow", "vpt-deep", "vpt-deep-norms", "lora")
 
 
 @dataclass
 class ProtocolConfig:
-    """One reproduction: data, held-out centers, methods, seeds, and the budget shared by every method."""
+    """One reproduction: data, held-out centers, methods, seeds, and the budget shared by every method.
 
-    dataset: str = "synthetic"
-    held_out: list[str] = field(default_factory=list)
-    centers: list[str] | None = None  # all centers of the dataset when None
-    methods: Sequence[str] = PAPER_METHODS
-    seeds: Sequence[int] = (0, 1, 2)
-    few_shot_cases: Sequence[int | None] = (1, 5, 10, None)  # None: all training cases
-    few_shot_methods: Sequence[str] = ("vpt-deep", "full")
-    base: str = "tiny"
-    image_size: int = 64
-    pretrain_epochs: int = 40
-    pretrain_learning_rate: float = 2e-3
-    finetune_epochs: int = 20
-    batch_size: int = 8
-    num_virtual_tokens: int = 10
-    lora_rank: int = 8
-    learning_rates: dict[str, float] = field(default_factory=dict)  # per-method overrides of the defaults
-    measure_memory: bool = True
+    Also the arguments of `reproduce_paper.py` (`HfArgumentParser`), so every field has a command-line option.
+    """
+
+    dataset: str = field(default="synthetic", metadata={"help": "'synthetic', a folder or a datasets id."})
+    held_out: list[str] = field(
+        default_factory=list, metadata={"help": "New centers, one split each (recipe default: the synthetic one)."}
+    )
+    centers: list[str] | None = field(default=None, metadata={"help": "Centers to use (default: all)."})
+    methods: list[str] = field(
+        default_factory=lambda: list(PAPER_METHODS), metadata={"help": "'direct' or methods of prepare_model."}
+    )
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Training seeds of each method."})
+    few_shot_cases: list[int] = field(
+        default_factory=lambda: [1, 5, 10], metadata={"help": "Few-shot sizes (training cases), besides all cases."}
+    )
+    few_shot_methods: list[str] = field(
+        default_factory=lambda: ["vpt-deep", "full"], metadata={"help": "Methods of the few-shot curve."}
+    )
+    base: str = field(default="tiny", metadata={"help": "Named base config (tiny, small) or a Hub backbone id."})
+    image_size: int = field(default=64, metadata={"help": "Side of the square model input."})
+    pretrain_epochs: int = field(default=40, metadata={"help": "Epochs of each split's base."})
+    pretrain_learning_rate: float = field(default=2e-3, metadata={"help": "Learning rate of the bases."})
+    finetune_epochs: int = field(default=20, metadata={"help": "Epochs of every method on the new center."})
+    batch_size: int = field(default=8, metadata={"help": "Fine-tuning batch size."})
+    num_virtual_tokens: int = field(default=10, metadata={"help": "Prompts per block (VPT methods)."})
+    lora_rank: int = field(default=8, metadata={"help": "Rank of LoRA."})
+    learning_rate: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Per-method learning rates METHOD=LR, e.g. full=1e-3 vpt-deep=3e-2 (default: "
+            "DEFAULT_LEARNING_RATES). Choose them on validation Dice, never on the test split."
+        },
+    )
+    measure_memory: bool = field(default=True, metadata={"help": "Peak training memory per method (fresh process)."})
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.methods) - {"direct", *METHODS})
+        if unknown:
+            raise ValueError(f"methods {unknown}: expected 'direct' or one of {list(METHODS)}.")
+        self.learning_rates  # noqa: B018 - every METHOD=LR pair is checked now, not after hours of runs
+
+    @property
+    def learning_rates(self) -> dict[str, float]:
+        """`learning_rate` as `{method: rate}`."""
+        rates = {}
+        for pair in self.learning_rate:
+            method, _, value = pair.partition("=")
+            if method not in METHODS or not value:
+                raise ValueError(f"learning_rate {pair!r}: expected METHOD=LR with METHOD in {list(METHODS)}.")
+            try:
+                rates[method] = float(value)
+            except ValueError:
+                raise ValueError(f"learning_rate {pair!r}: {value!r} is not a number.") from None
+        return rates
 
 
 def _mean_old(scores: dict[str, dict[str, float]], new_center: str) -> float:
@@ -96,12 +129,12 @@ def pretrained_base(cfg: ProtocolConfig, data, num_labels: int, id2label, held_o
     if settings_file.is_file() and json.loads(settings_file.read_text()) == settings:
         return load_base(folder)
     sources = [c for c in sorted(set(data["train"]["center"])) if c != held_out]
-    processor = build_image_processor(cfg.image_size)
+    processor = image_processor_for(cfg.base, cfg.image_size)
     config = TrainingConfig(
         learning_rate=cfg.pretrain_learning_rate, num_epochs=cfg.pretrain_epochs, batch_size=16, seed=0
     )
     model, result = pretrain_base(
-        restrict_centers(data, sources),
+        select_centers(data, sources),
         cfg.base,
         num_labels,
         processor,
@@ -110,12 +143,8 @@ def pretrained_base(cfg: ProtocolConfig, data, num_labels: int, id2label, held_o
         image_size=cfg.image_size,
         id2label=id2label,
     )
-    with atomic_directory(folder) as staging:
-        model.save_pretrained(staging)
-        processor.save_pretrained(staging)
-        (staging / "pretrain_settings.json").write_text(json.dumps(settings, indent=2))
-        log = {"sources": sources, "best_epoch": result.best_epoch, "validation_dice": result.best_validation_dice}
-        (staging / "train_log.json").write_text(json.dumps(log, indent=2))
+    log = {"sources": sources, "best_epoch": result.best_epoch, "validation_dice": result.best_validation_dice}
+    save_base(model, processor, folder, {"pretrain_settings.json": settings, "train_log.json": log})
     return load_base(folder)
 
 
@@ -173,31 +202,16 @@ def run_one(cfg, base_dir: Path, data, test, new_center: str, method: str, seed:
 
 
 def measure_training_memory(base_dir: str | Path, method: str, batch_size: int, num_virtual_tokens: int = 10) -> float:
-    """Peak memory growth (MB) of two training steps of `method` on the loaded base, in a fresh process."""
-    code = (
-        "import sys, peft_medseg.paper as p; "
-        f"print(p._memory_probe({str(base_dir)!r}, {method!r}, {batch_size}, {num_virtual_tokens}))"
+    """Peak memory growth (MB) of a training step of `method` on the saved base, in a fresh process."""
+    probe = measure_in_fresh_process(
+        training_step_probe,
+        base=str(base_dir),
+        method=method,
+        batch_size=batch_size,
+        num_virtual_tokens=num_virtual_tokens,
+        gradient_checkpointing=uses_gradient_checkpointing(method),
     )
-    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    return float(output.strip().splitlines()[-1])
-
-
-def _memory_probe(base_dir: str, method: str, batch_size: int, num_virtual_tokens: int) -> float:
-    base, processor = load_base(base_dir)
-    size = processor.size["height"]
-    model = set_train_mode(prepare_model(base, method, num_virtual_tokens=num_virtual_tokens))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    x = torch.randn(batch_size, 3, size, size)
-    labels = torch.randint(0, base.config.num_labels, (batch_size, size, size))
-
-    def two_steps() -> None:
-        for _ in range(2):
-            segmentation_loss(model(pixel_values=x).logits, labels).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-    return peak_memory_mb(two_steps)
+    return probe["peak_mb"]
 
 
 def run_protocol(cfg: ProtocolConfig, output_dir: str | Path, progress=print) -> list[dict]:

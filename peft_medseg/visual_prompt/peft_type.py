@@ -1,13 +1,14 @@
-"""Registration of visual prompt tuning with peft, so that the standard peft API works after `import peft_medseg`."""
+"""The `VISUAL_PROMPT` member of peft's `PeftType`, which peft needs before it registers a method of that name."""
 
 from __future__ import annotations
 
-from peft.utils import PeftType, register_peft_method
+from peft.utils import PeftType
 
 # peft refuses to register a method whose name is not a member of its closed `PeftType` enum, and resolves the type
 # of a saved adapter from the plain string in adapter_config.json. The member therefore has value == name, and, since
 # `PeftType` is a `str` enum, it hashes and compares equal to that string.
 PEFT_TYPE_NAME = "VISUAL_PROMPT"
+# Prefix of the adapter's parameter names (`vpt_prompt`); unique among peft's methods.
 PREFIX = "vpt_"
 
 
@@ -28,16 +29,3 @@ def _extend_peft_type(name: str) -> PeftType:
 
 
 VISUAL_PROMPT = _extend_peft_type(PEFT_TYPE_NAME)
-
-
-def register_visual_prompt() -> None:
-    """Register `VisualPromptConfig`/`VisualPromptModel` with peft. Safe to call more than once."""
-    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
-
-    from .visual_prompt import VisualPromptConfig, VisualPromptModel
-
-    if VISUAL_PROMPT in PEFT_TYPE_TO_TUNER_MAPPING:
-        return
-    register_peft_method(
-        name=PEFT_TYPE_NAME.lower(), config_cls=VisualPromptConfig, model_cls=VisualPromptModel, prefix=PREFIX
-    )

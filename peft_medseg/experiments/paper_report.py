@@ -1,4 +1,4 @@
-"""Tables and figures of a `peft_medseg.paper` run: Markdown, CSV and a PNG per held-out center."""
+"""Tables and figures of a `peft_medseg.experiments.paper` run: Markdown, CSV and a PNG per held-out center."""
 
 from __future__ import annotations
 
