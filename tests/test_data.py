@@ -366,3 +366,26 @@ def test_shared_breast_us():
         for c, i, k in zip(small["train"]["center"], small["train"]["id"], small["train"]["case_id"])
     )
     assert center_names(data) == sorted({row["center"] for row in rows})
+
+
+def test_transform_is_a_monai_compose_users_can_extend_and_rows_are_seeded_independently():
+    from monai.transforms import Compose, Lambdad, MapTransform
+
+    processor = build_image_processor(16, mean=0.0, std=1.0)
+    extra = Lambdad("image", lambda image: image * 0.0)  # a user's own dictionary transform, before normalisation
+    transform = SegmentationTransform(processor, extra_transforms=[extra])
+    assert isinstance(transform.pipeline, Compose)
+    assert all(isinstance(t, MapTransform) for t in transform.pipeline.transforms)
+    out = transform.transform_example(np.full((16, 16), 200, np.uint8), np.zeros((16, 16), np.uint8))
+    assert out["pixel_values"].abs().max() == 0
+
+    # A row's augmentation depends on (seed, epoch, row), not on which rows share its batch.
+    rows = {"image": [np.random.default_rng(i).integers(0, 255, (16, 16), np.uint8) for i in range(4)]}
+    rows |= {"label": [np.eye(16, dtype=np.uint8)] * 4, "center": ["a"] * 4, "id": ["0", "1", "2", "3"]}
+    train = SegmentationTransform(processor, train=True, seed=5)
+    whole = train(rows)
+    halves = [train({k: v[i : i + 2] for k, v in rows.items()}) for i in (0, 2)]
+    for i in range(4):
+        torch.testing.assert_close(whole["pixel_values"][i], halves[i // 2]["pixel_values"][i % 2], rtol=0, atol=0)
+    train.set_epoch(1)
+    assert not torch.equal(train(rows)["pixel_values"][0], whole["pixel_values"][0])

@@ -135,6 +135,32 @@ def test_loss_is_the_mean_of_the_losses_of_the_batch_halves_and_small_when_right
     assert segmentation_loss(perfect, labels) < 0.01 < whole
 
 
+def reference_loss(logits, labels, dice_weight=1.0, ignore_index=255, smooth=1.0):
+    """Cross-entropy + soft Dice written out by hand: per sample, foreground classes, ignored pixels left out."""
+    cross_entropy = torch.nn.functional.cross_entropy(logits, labels, ignore_index=ignore_index)
+    valid = (labels != ignore_index).unsqueeze(1).float()
+    probabilities = logits.softmax(dim=1) * valid
+    one_hot = torch.nn.functional.one_hot(labels.clamp(0, logits.shape[1] - 1), logits.shape[1])
+    one_hot = one_hot.permute(0, 3, 1, 2).float() * valid
+    intersection = (probabilities * one_hot).sum(dim=(2, 3))
+    dice = (2 * intersection + smooth) / (probabilities.sum(dim=(2, 3)) + one_hot.sum(dim=(2, 3)) + smooth)
+    return cross_entropy + dice_weight * (1.0 - dice[:, 1:].mean())
+
+
+@pytest.mark.parametrize("dice_weight", [1.0, 0.5])
+def test_loss_equals_a_hand_written_dice_plus_cross_entropy_with_ignored_pixels(dice_weight):
+    torch.manual_seed(0)
+    logits = torch.randn(3, NUM_LABELS, 8, 8, requires_grad=True)
+    labels = torch.randint(0, NUM_LABELS, (3, 8, 8))
+    labels[0, :2] = 255  # ignored pixels count in neither term
+    got = segmentation_loss(logits, labels, dice_weight=dice_weight)
+    want = reference_loss(logits, labels, dice_weight=dice_weight)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    (grad,) = torch.autograd.grad(got, logits)
+    (want_grad,) = torch.autograd.grad(want, logits)
+    torch.testing.assert_close(grad, want_grad, atol=1e-7, rtol=1e-5)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_two_step_run_saves_and_loads_back(tiny_data, tmp_path, method):
     data, _ = tiny_data

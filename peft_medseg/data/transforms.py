@@ -1,18 +1,35 @@
-"""Preprocessing that matches the base model's image processor, and training augmentation, for `set_transform`.
+"""Preprocessing that matches the base model's image processor, and training augmentation, as MONAI dictionary
+transforms (`Compose` of `...d` transforms on `{"image", "label"}`) for `set_transform`.
 
-Torch, numpy and Pillow only (torchvision is not installable next to every torch build).
+The deterministic part reproduces a transformers image processor (resize, rescale, normalise); augmentation uses
+MONAI's random transforms, seeded per sample so that a run is reproducible and resumable anywhere.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from datasets import DatasetDict
+from monai.config import KeysCollection
+from monai.data import get_track_meta, set_track_meta
+from monai.transforms import (
+    Compose,
+    MapTransform,
+    NormalizeIntensityd,
+    RandAdjustContrastd,
+    RandAffined,
+    RandFlipd,
+    Randomizable,
+    RandScaleIntensityFixedMeand,
+    RandShiftIntensityd,
+    ScaleIntensityRange,
+    ScaleIntensityRanged,
+)
 from PIL import Image
 
 # Columns copied unchanged from the dataset row to the transformed example, when present.
@@ -66,61 +83,143 @@ def _to_array(image) -> np.ndarray:
     return np.asarray(image)
 
 
-def _to_unit_range(array: np.ndarray, rescale_factor: float | None) -> np.ndarray:
-    # 8-bit images follow the processor's rescale; anything else (float or 16-bit, e.g. MRI/CT slices) has no
-    # agreed white point, so it is scaled by its own 0.5th..99.5th percentiles.
-    if array.dtype == np.uint8 or array.dtype == bool:
-        return array.astype(np.float32) * (rescale_factor if rescale_factor is not None else 1.0 / 255.0)
-    array = array.astype(np.float32)
-    low, high = np.percentile(array, [0.5, 99.5])
-    if high <= low:
-        return np.zeros_like(array)
-    return np.clip((array - low) / (high - low), 0.0, 1.0)
+class ToChannelFirstd(MapTransform):
+    """PIL images or (H, W[, C]) arrays to channel-first arrays: the image (C, H, W) with C in 1..3 (alpha dropped),
+    the label (1, H, W) of class ids. Shapes are checked here, with errors naming what was found."""
+
+    def __init__(self, keys: KeysCollection = ("image", "label")) -> None:
+        super().__init__(keys)
+
+    def __call__(self, data: dict) -> dict:
+        data = dict(data)
+        image, label = _to_array(data["image"]), _to_array(data["label"])
+        if image.ndim == 2:
+            image = image[..., None]
+        if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+            raise ValueError(f"image of shape {image.shape}: expected (H, W), (H, W, 1), (H, W, 3) or (H, W, 4).")
+        if label.ndim != 2:
+            raise ValueError(f"label of shape {label.shape}: expected a 2D map of class ids.")
+        if label.shape != image.shape[:2]:
+            raise ValueError(f"label size {label.shape} differs from image size {image.shape[:2]}.")
+        data["image"] = np.ascontiguousarray(image[..., :3].transpose(2, 0, 1))
+        data["label"] = label.astype(np.int64)[None]
+        return data
 
 
-def _resize_channels(array: np.ndarray, size: tuple[int, int], resample) -> np.ndarray:
-    height, width = size
-    if array.shape[:2] == (height, width):
-        return array
-    channels = [
-        np.array(
-            Image.fromarray(np.ascontiguousarray(array[..., c], dtype=np.float32), mode="F").resize(
-                (width, height), resample
-            )
+class ProcessorResized(MapTransform):
+    """Resize to the image processor's size exactly as it does: Pillow, its resampling filter, 8-bit images resized
+    as 8-bit; labels with nearest neighbour (no interpolated class ids)."""
+
+    def __init__(self, size: tuple[int, int], resample, keys: KeysCollection = ("image", "label")) -> None:
+        super().__init__(keys)
+        self.size, self.resample = tuple(size), resample
+
+    def _resize(self, channels: np.ndarray, resample) -> np.ndarray:
+        if channels.shape[1:] == self.size:
+            return channels
+        height, width = self.size
+        if channels.dtype == np.uint8 and channels.shape[0] in (1, 3):
+            image = Image.fromarray(channels[0] if channels.shape[0] == 1 else channels.transpose(1, 2, 0))
+            resized = np.array(image.resize((width, height), resample))
+            return resized[None] if resized.ndim == 2 else resized.transpose(2, 0, 1)
+        mode, dtype = ("I", np.int32) if channels.dtype.kind in "iu" else ("F", np.float32)
+        return np.stack(
+            [np.array(Image.fromarray(c.astype(dtype), mode=mode).resize((width, height), resample)) for c in channels]
         )
-        for c in range(array.shape[2])
+
+    def __call__(self, data: dict) -> dict:
+        data = dict(data)
+        data["image"] = self._resize(data["image"], self.resample)
+        data["label"] = self._resize(data["label"], Image.Resampling.NEAREST).astype(np.int64)
+        return data
+
+
+class RescaleToUnitd(MapTransform):
+    """Intensities into [0, 1]: 8-bit images by the processor's rescale factor; anything else (float or 16-bit, e.g.
+    MRI/CT slices) has no agreed white point, so it is scaled by its own 0.5th..99.5th percentiles."""
+
+    def __init__(self, rescale_factor: float, keys: KeysCollection = "image") -> None:
+        super().__init__(keys)
+        self.rescale_factor = rescale_factor
+
+    def __call__(self, data: dict) -> dict:
+        data = dict(data)
+        image = data["image"]
+        if image.dtype in (np.uint8, bool):
+            data["image"] = image.astype(np.float32) * self.rescale_factor
+            return data
+        image = image.astype(np.float32)
+        low, high = np.percentile(image, [0.5, 99.5])
+        if high <= low:
+            data["image"] = np.zeros_like(image)
+        else:
+            data["image"] = ScaleIntensityRange(low, high, 0.0, 1.0, clip=True)(image)
+        return data
+
+
+class RepeatToRGBd(MapTransform):
+    """Grayscale (1, H, W) images repeated to three channels, as RGB backbones expect."""
+
+    def __init__(self, keys: KeysCollection = "image") -> None:
+        super().__init__(keys)
+
+    def __call__(self, data: dict) -> dict:
+        data = dict(data)
+        if data["image"].shape[0] == 1:
+            data["image"] = np.repeat(data["image"], 3, axis=0)
+        return data
+
+
+class ToModelInputsd(MapTransform):
+    """The final `pixel_values` (float32 (3, H, W)) and `labels` (long (H, W)) tensors, as plain torch tensors."""
+
+    def __init__(self, keys: KeysCollection = ("image", "label")) -> None:
+        super().__init__(keys)
+
+    def __call__(self, data: dict) -> dict:
+        image, label = data["image"], data["label"]
+        image = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)
+        label = label.as_tensor() if hasattr(label, "as_tensor") else torch.as_tensor(label)
+        return {"pixel_values": image.float().contiguous(), "labels": label[0].round().long().contiguous()}
+
+
+def augmentation_transforms(config: AugmentationConfig, size: tuple[int, int]) -> list:
+    """MONAI's random transforms for `config`, on intensities in [0, 1]: flips, one affine warp of image and label
+    (bilinear / nearest), then contrast around the mean, brightness, clipping and gamma on the image."""
+    keys = ("image", "label")
+    return [
+        RandFlipd(keys, prob=config.hflip_prob, spatial_axis=1),
+        RandFlipd(keys, prob=config.vflip_prob, spatial_axis=0),
+        RandAffined(
+            keys,
+            prob=1.0,
+            rotate_range=math.radians(config.rotation_degrees),
+            scale_range=(config.scale_range[0] - 1.0, config.scale_range[1] - 1.0),
+            translate_range=(config.translate_fraction * size[0], config.translate_fraction * size[1]),
+            mode=("bilinear", "nearest"),
+            padding_mode="zeros",
+        ),
+        RandScaleIntensityFixedMeand("image", factors=config.contrast, prob=1.0),
+        RandShiftIntensityd("image", offsets=config.brightness, prob=1.0),
+        ScaleIntensityRanged("image", a_min=0.0, a_max=1.0, b_min=0.0, b_max=1.0, clip=True),
+        RandAdjustContrastd("image", gamma=(1.0 - config.gamma, 1.0 + config.gamma), prob=1.0),
     ]
-    return np.stack(channels, axis=-1)
-
-
-def _resize_uint8(array: np.ndarray, size: tuple[int, int], resample) -> np.ndarray:
-    height, width = size
-    if array.shape[:2] == (height, width):
-        return array
-    image = Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)
-    resized = np.array(image.resize((width, height), resample))
-    return resized[..., None] if resized.ndim == 2 else resized
-
-
-def _resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    height, width = size
-    if labels.shape == (height, width):
-        return labels
-    resized = Image.fromarray(labels.astype(np.int32), mode="I").resize((width, height), Image.Resampling.NEAREST)
-    return np.array(resized)
 
 
 class SegmentationTransform:
     """Turn dataset rows (`image`, `label`) into model inputs, for `dataset.set_transform(transform)`.
 
-    Reads the resize target, resampling filter, rescale factor, mean and std from a transformers image processor.
-    Each example becomes `pixel_values` (float tensor (3, H, W); grayscale is repeated to 3 channels) and `labels`
-    (long tensor (H, W), resized with nearest neighbour), plus the `PASSTHROUGH_COLUMNS` present in the row.
-    With `train=True`, random flips, a small affine warp and intensity/contrast/gamma jitter are applied. With a
-    `seed`, a dataset row's augmentation depends only on (seed, epoch, center/id of the row) — not on a stream shared
-    by the process — so it is the same in a batch of 4 on one process or of 2 on each of two, in any DataLoader
-    worker, and a run resumed mid-epoch sees exactly the augmentations of an uninterrupted one. Call `set_epoch`
-    each epoch.
+    `pipeline` is a MONAI `Compose` of dictionary transforms: channel-first arrays, the image processor's resize
+    (its target size and resampling filter), rescale into [0, 1], grayscale to RGB, then with `train=True` MONAI's
+    random flips, affine warp and intensity/contrast/gamma jitter (`AugmentationConfig`), then the processor's
+    normalisation. `extra_transforms` (MONAI dictionary transforms on `image`/`label`, intensities in [0, 1]) run
+    after the augmentation, before normalisation. Each example becomes `pixel_values` (float tensor (3, H, W)) and
+    `labels` (long tensor (H, W)), plus the `PASSTHROUGH_COLUMNS` present in the row.
+
+    With a `seed`, a dataset row's augmentation depends only on (seed, epoch, center/id of the row): `__call__`
+    seeds every random transform for each row (`seed_augmentation`) — not a stream shared by the process —
+    so it is the same in a batch of 4 on one process or of 2 on each of two, in any DataLoader worker, and a run
+    resumed mid-epoch sees exactly the augmentations of an uninterrupted one. Call `set_epoch` each epoch.
     """
 
     def __init__(
@@ -130,90 +229,64 @@ class SegmentationTransform:
         augmentation: AugmentationConfig | None = None,
         seed: int | None = None,
         size: tuple[int, int] | None = None,
+        extra_transforms: Sequence = (),
     ):
         self.size = tuple(size) if size is not None else processor_target_size(image_processor)
-        self.resample = getattr(image_processor, "resample", None) or Image.Resampling.BILINEAR
-        self.rescale_factor = (
-            float(image_processor.rescale_factor) if getattr(image_processor, "do_rescale", True) else 1.0
-        )
+        resample = getattr(image_processor, "resample", None) or Image.Resampling.BILINEAR
+        rescale_factor = float(image_processor.rescale_factor) if getattr(image_processor, "do_rescale", True) else 1.0
         if getattr(image_processor, "do_normalize", True):
-            self.mean = torch.tensor(image_processor.image_mean, dtype=torch.float32).reshape(-1, 1, 1)
-            self.std = torch.tensor(image_processor.image_std, dtype=torch.float32).reshape(-1, 1, 1)
+            mean, std = list(image_processor.image_mean), list(image_processor.image_std)
         else:
-            self.mean, self.std = torch.zeros(3, 1, 1), torch.ones(3, 1, 1)
+            mean, std = [0.0] * 3, [1.0] * 3
         self.train = train
         self.augmentation = augmentation or AugmentationConfig()
         self.seed = seed
         self.epoch = 0
-        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        random_part = augmentation_transforms(self.augmentation, self.size) if train else []
+        self.pipeline = Compose(
+            [
+                ToChannelFirstd(),
+                ProcessorResized(self.size, resample),
+                RescaleToUnitd(rescale_factor),
+                RepeatToRGBd(),
+                *random_part,
+                *extra_transforms,
+                NormalizeIntensityd("image", subtrahend=np.array(mean), divisor=np.array(std), channel_wise=True),
+                ToModelInputsd(),
+            ]
+        )
+        if seed is not None:
+            self.seed_augmentation(seed)
 
     def set_epoch(self, epoch: int) -> None:
         """Draw this epoch's augmentations (with a seed, each epoch augments every row differently)."""
         self.epoch = epoch
 
-    def _uniform(self, low: float, high: float) -> float:
-        return low + (high - low) * float(torch.rand((), generator=self.generator))
-
-    def _augment(self, image: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        config = self.augmentation
-        if self._uniform(0, 1) < config.hflip_prob:
-            image, labels = image.flip(-1), labels.flip(-1)
-        if self._uniform(0, 1) < config.vflip_prob:
-            image, labels = image.flip(-2), labels.flip(-2)
-
-        angle = math.radians(self._uniform(-config.rotation_degrees, config.rotation_degrees))
-        scale = self._uniform(*config.scale_range)
-        shift_x = self._uniform(-config.translate_fraction, config.translate_fraction) * 2
-        shift_y = self._uniform(-config.translate_fraction, config.translate_fraction) * 2
-        # affine_grid maps output to input coordinates, so zooming in by `scale` samples a grid shrunk by 1/scale.
-        theta = torch.tensor(
-            [
-                [math.cos(angle) / scale, -math.sin(angle) / scale, shift_x],
-                [math.sin(angle) / scale, math.cos(angle) / scale, shift_y],
-            ],
-            dtype=torch.float32,
-        )
-        grid = F.affine_grid(theta[None], [1, *image.shape], align_corners=False)
-        image = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
-        labels = F.grid_sample(
-            labels[None, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False
-        )
-        labels = labels[0, 0].long()
-
-        mean = image.mean()
-        contrast = self._uniform(1 - config.contrast, 1 + config.contrast)
-        brightness = self._uniform(-config.brightness, config.brightness)
-        gamma = self._uniform(1 - config.gamma, 1 + config.gamma)
-        image = ((image - mean) * contrast + mean + brightness).clamp(0.0, 1.0) ** gamma
-        return image, labels
-
     def transform_example(self, image, label) -> dict[str, torch.Tensor]:
         """One image (PIL or numpy) and label map into `pixel_values` (3, H, W) and `labels` (H, W)."""
-        array = _to_array(image)
-        if array.ndim == 2:
-            array = array[..., None]
-        if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
-            raise ValueError(f"image of shape {array.shape}: expected (H, W), (H, W, 1), (H, W, 3) or (H, W, 4).")
-        array = array[..., :3]
-        labels = _to_array(label)
-        if labels.ndim != 2:
-            raise ValueError(f"label of shape {labels.shape}: expected a 2D map of class ids.")
-        if labels.shape != array.shape[:2]:
-            raise ValueError(f"label size {labels.shape} differs from image size {array.shape[:2]}.")
-        if array.dtype == np.uint8:
-            # Resize 8-bit images as 8-bit, exactly as the image processor does, then rescale.
-            array = _resize_uint8(array, self.size, self.resample)
-            array = _to_unit_range(array, self.rescale_factor)
-        else:
-            array = _resize_channels(_to_unit_range(array, self.rescale_factor), self.size, self.resample)
-        pixel_values = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))).float()
-        if pixel_values.shape[0] == 1:
-            pixel_values = pixel_values.repeat(3, 1, 1)
-        labels = torch.from_numpy(_resize_labels(labels, self.size).astype(np.int64))
-        if self.train:
-            pixel_values, labels = self._augment(pixel_values, labels)
-        pixel_values = (pixel_values - self.mean) / self.std
-        return {"pixel_values": pixel_values, "labels": labels}
+        tracking = get_track_meta()
+        # MONAI's metadata (affines, applied operations) is not needed for 2D rows and costs twice the transform.
+        set_track_meta(False)
+        try:
+            return self.pipeline({"image": image, "label": label})
+        except RuntimeError as error:
+            # MONAI wraps a transform's error in "applying transform ..."; a bad input keeps its own message.
+            cause = error
+            while isinstance(cause, RuntimeError) and cause.__cause__ is not None:
+                cause = cause.__cause__
+            if isinstance(cause, ValueError):
+                raise cause from None
+            raise
+        finally:
+            set_track_meta(tracking)
+
+    def seed_augmentation(self, seed: int) -> None:
+        """Seed every random transform of the pipeline from one stream (cheaper than `Compose.set_random_state`,
+        which builds a generator per transform)."""
+        state = np.random.RandomState(seed)
+        for transform in self.pipeline.transforms:
+            if isinstance(transform, Randomizable):
+                transform.set_random_state(state=state)
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         outputs: dict[str, list] = {"pixel_values": [], "labels": []}
@@ -224,7 +297,7 @@ class SegmentationTransform:
         for key, image, label in zip(keys, batch["image"], batch["label"]):
             if per_sample_seed:
                 digest = hashlib.sha1(f"{self.seed}/{self.epoch}/{key}".encode()).digest()
-                self.generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+                self.seed_augmentation(int.from_bytes(digest[:4], "little"))
             example = self.transform_example(image, label)
             outputs["pixel_values"].append(example["pixel_values"])
             outputs["labels"].append(example["labels"])

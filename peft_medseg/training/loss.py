@@ -1,9 +1,10 @@
-"""Segmentation loss: cross-entropy plus soft Dice."""
+"""Segmentation loss: cross-entropy plus soft Dice, with MONAI's Dice."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from monai.losses import MaskedDiceLoss
 
 
 def segmentation_loss(
@@ -16,8 +17,12 @@ def segmentation_loss(
     """Cross-entropy + `dice_weight` x soft Dice loss (1 - mean soft Dice over samples and foreground classes).
 
     `logits` (B, C, h, w) are resized to the labels' (B, H, W) size when they differ. Computed in float32 under mixed
-    precision. Soft Dice is computed per sample and then averaged, so the loss of a batch equals the mean of the
-    losses of its halves: data-parallel training on two processes matches one process with the doubled batch.
+    precision. Soft Dice (`monai.losses.MaskedDiceLoss` on softmax probabilities, smoothing `smooth` above and below)
+    is computed per sample and then averaged, so the loss of a batch equals the mean of the losses of its halves:
+    data-parallel training on two processes matches one process with the doubled batch.
+
+    Not `monai.losses.DiceCELoss`: it has no `ignore_index`, and pixels labelled `ignore_index` (255) must count in
+    neither term. Here they are left out of the cross-entropy and masked out of the Dice.
     """
     logits = logits.float()
     if logits.shape[-2:] != labels.shape[-2:]:
@@ -26,12 +31,15 @@ def segmentation_loss(
     if dice_weight == 0:
         return cross_entropy
     num_classes = logits.shape[1]
-    valid = (labels != ignore_index).unsqueeze(1).float()
-    probabilities = logits.softmax(dim=1) * valid
-    one_hot = F.one_hot(labels.clamp(0, num_classes - 1), num_classes).permute(0, 3, 1, 2).float() * valid
-    intersection = (probabilities * one_hot).sum(dim=(2, 3))
-    denominator = probabilities.sum(dim=(2, 3)) + one_hot.sum(dim=(2, 3))
-    dice = (2 * intersection + smooth) / (denominator + smooth)  # (B, C)
+    valid = (labels != ignore_index).unsqueeze(1)
     # Foreground classes only when there is a background: it dominates the pixels and would mask the rest.
-    dice = dice[:, 1:] if num_classes > 1 else dice
-    return cross_entropy + dice_weight * (1.0 - dice.mean())
+    dice = MaskedDiceLoss(
+        include_background=num_classes == 1,
+        to_onehot_y=True,
+        softmax=True,
+        smooth_nr=smooth,
+        smooth_dr=smooth,
+        batch=False,
+    )
+    targets = torch.where(valid, labels.unsqueeze(1), 0)
+    return cross_entropy + dice_weight * dice(logits, targets, mask=valid.float())
