@@ -198,6 +198,8 @@ def augmentation_transforms(config: AugmentationConfig, size: tuple[int, int]) -
             translate_range=(config.translate_fraction * size[0], config.translate_fraction * size[1]),
             mode=("bilinear", "nearest"),
             padding_mode="zeros",
+            spatial_size=size,
+            cache_grid=True,  # every row has the processor's size: build the sampling grid once
         ),
         RandScaleIntensityFixedMeand("image", factors=config.contrast, prob=1.0),
         RandShiftIntensityd("image", offsets=config.brightness, prob=1.0),
