@@ -23,6 +23,7 @@ from pathlib import Path
 import matplotlib
 import torch
 from peft import get_peft_model
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
 from tqdm.auto import tqdm
 from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
@@ -61,6 +62,19 @@ TRAIN_VARIANTS = {
     "vpt-deep": ("vpt-deep", False),
     "vpt-deep + checkpointing": ("vpt-deep", True),
 }
+
+
+@register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    # torch counts SDPA FLOPs for the GPU kernels only; the CPU kernel does the same work.
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def count_flops(fn) -> int:
+    """FLOPs of one call: exact and noise-free, unlike a CPU latency (matmuls, convolutions and attention)."""
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
 
 
 def interleaved_fastest(fns: dict, repeats: int) -> dict[str, float]:
@@ -136,7 +150,10 @@ def bench_inference(args) -> dict:
             },
             args.repeats,
         )
+    base_flops = count_flops(lambda: base(pixel_values=x))
     return {
+        "vpt_vs_base_flops": count_flops(lambda: model(pixel_values=x)) / base_flops,
+        "vpt_token_path_vs_base_flops": count_flops(lambda: run_token_path(model, pixel_values=x)) / base_flops,
         "base_ms": 1000 * t["base"],
         "vpt_deep_ms": 1000 * t["vpt"],
         "vpt_deep_token_path_ms": 1000 * t["vpt_tokens"],
@@ -168,7 +185,10 @@ def latency_point(args, image_size: int, num_prompts: int) -> dict:
             },
             args.curve_repeats,
         )
+    base_flops = count_flops(lambda: base(pixel_values=x))
     return {
+        "key_value_vs_base_flops": count_flops(lambda: model(pixel_values=x)) / base_flops,
+        "token_path_vs_base_flops": count_flops(lambda: run_token_path(model, pixel_values=x)) / base_flops,
         "image_size": image_size,
         "num_virtual_tokens": num_prompts,
         "base_ms": 1000 * t["base"],
@@ -306,8 +326,13 @@ def plot_curves(results: dict, folder: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
         size = results["setup"]["image_size"]
         same_size = [r for r in latency if r["image_size"] == size]
-        for key, label in (("key_value_vs_base", "deep VPT (keys/values)"), ("token_path_vs_base", "token path")):
-            ax.plot([r["num_virtual_tokens"] for r in same_size], [r[key] for r in same_size], "o-", label=label)
+        for key, label, style in (
+            ("key_value_vs_base", "latency, keys/values", "o-C0"),
+            ("token_path_vs_base", "latency, token path", "o-C1"),
+            ("key_value_vs_base_flops", "FLOPs, keys/values", "s--C0"),
+            ("token_path_vs_base_flops", "FLOPs, token path", "s--C1"),
+        ):
+            ax.plot([r["num_virtual_tokens"] for r in same_size], [r[key] for r in same_size], style, label=label)
         for r in latency:
             if r["image_size"] != size:
                 ax.scatter([r["num_virtual_tokens"]], [r["key_value_vs_base"]], marker="s", color="C0")
@@ -368,6 +393,8 @@ def markdown(results: dict) -> str:
         lines += [
             f"| deep VPT / base, inference latency (keys/values) | {inf['vpt_vs_base']:.3f}× | ≤ 1.03× |",
             f"| deep VPT / base, inference latency (token path, before) | {inf['vpt_token_path_vs_base']:.3f}× | — |",
+            f"| deep VPT / base, FLOPs: keys/values vs token path | {inf['vpt_vs_base_flops']:.4f}× vs "
+            f"{inf['vpt_token_path_vs_base_flops']:.4f}× | — |",
             f"| mixed batch (4 centers) / one adapter | {inf['mixed_vs_single_adapter']:.3f}× | ≤ 1.03× |",
             f"| per-sample set_adapter loop / mixed batch | {inf['mixed_speedup_vs_loop']:.2f}× | ≥ 1.3× |",
         ]
@@ -384,13 +411,15 @@ def markdown(results: dict) -> str:
     if results.get("latency_curve"):
         lines += [
             "",
-            "| image size | prompts | base (ms) | keys/values / base | token path / base |",
-            "|---|---|---|---|---|",
+            "| image size | prompts | base (ms) | latency keys/values / base | latency token path / base | "
+            "FLOPs keys/values / base | FLOPs token path / base |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in results["latency_curve"]:
             lines.append(
                 f"| {r['image_size']} | {r['num_virtual_tokens']} | {r['base_ms']:.0f} | "
-                f"{r['key_value_vs_base']:.3f}× | {r['token_path_vs_base']:.3f}× |"
+                f"{r['key_value_vs_base']:.3f}× | {r['token_path_vs_base']:.3f}× | "
+                f"{r['key_value_vs_base_flops']:.4f}× | {r['token_path_vs_base_flops']:.4f}× |"
             )
     if results.get("memory_curve") and tr:
         rows = [
