@@ -38,7 +38,7 @@ demo: $(VENV)/.installed
 	$(PY) recipes/evaluate_centers.py --base_model $(DEMO)/base --models $(DEMO)/vpt-deep-norms-$(DEMO_NEW) \
 		--centers $(DEMO_CENTERS) $(DEMO_NEW) --output_dir $(DEMO)/eval
 
-# Overhead ratios (VPT vs base, mixed batches, training memory), ViT-S sized, 224 px; see README "Speed and memory".
+# Overhead ratios and cost curves (latency, FLOPs, training memory, mixed batches), ViT-S sized, 224 px; PNGs in outputs/bench/; see README "Speed and memory".
 bench: $(VENV)/.installed
 	$(PY) recipes/bench_overhead.py
 

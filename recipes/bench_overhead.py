@@ -344,7 +344,12 @@ def plot_curves(results: dict, folder: Path) -> list[Path]:
         ax.legend()
         paths.append(_save(fig, folder / "latency_curve.png"))
     memory = results.get("memory_curve")
-    if memory:
+    if memory and results.get("training"):
+        small = [
+            {"width": "ViT-S", "variant": v, "peak_mb": r["peak_mb_above_model"]}
+            for v, r in results["training"].items()
+        ]
+        memory = small + memory
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
         widths = list(dict.fromkeys(r["width"] for r in memory))
         for variant in TRAIN_VARIANTS:
