@@ -560,3 +560,18 @@ def test_a_kill_between_the_two_renames_is_repaired_on_load(tmp_path):
     os.rename(target, aside / "adapter")
     model = load_finetuned(target, _saved_base(tmp_path, base))
     assert isinstance(model, PeftModel) and target.is_dir() and not aside.exists()
+
+
+def test_a_checkpoint_killed_between_the_two_renames_is_found_again(tmp_path, checkpointed):
+    import shutil
+
+    from peft_medseg.training import latest_checkpoint
+
+    _, checkpoints = checkpointed
+    folder = tmp_path / "checkpoints"
+    shutil.copytree(checkpoints, folder)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    aside = folder / f".step-000002.old-{int(dead.stdout)}-x"
+    aside.mkdir()
+    os.rename(folder / "step-000002", aside / "step-000002")
+    assert latest_checkpoint(folder) == folder / "step-000002" and not aside.exists()

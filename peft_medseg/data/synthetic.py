@@ -28,8 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,6 +36,7 @@ from datasets import DatasetDict
 from PIL import Image
 from scipy import ndimage
 
+from ..storage import atomic_directory
 from .folder import load_folder_dataset
 
 # Bump when the generated data changes: it is part of the cache folder name.
@@ -350,18 +349,9 @@ def load_synthetic_mri(
     """
     target = synthetic_cache_dir(cache_dir, seed, image_size, train_subjects, test_subjects, slices_per_subject)
     if not (target / "info.json").is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-        try:
-            generate_synthetic_mri(
-                staging / "data", seed, image_size, train_subjects, test_subjects, slices_per_subject
-            )
-            try:
-                os.rename(staging / "data", target)
-            except OSError:
-                # Another process finished first: its copy is identical, keep it.
-                if not (target / "info.json").is_file():
-                    raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        # Generated next to the cache folder and swapped in whole: a reader never sees a half-written dataset, and two
+        # processes that generate at once each swap in an identical copy.
+        with atomic_directory(target) as staging:
+            staging.rmdir()  # generate_synthetic_mri creates its own folder
+            generate_synthetic_mri(staging, seed, image_size, train_subjects, test_subjects, slices_per_subject)
     return load_folder_dataset(target, centers=centers, num_labels=NUM_LABELS, validate=False)

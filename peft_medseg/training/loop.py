@@ -35,6 +35,7 @@ from .loss import segmentation_loss
 from .methods import set_train_mode
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
+LEFTOVER_PATTERN = re.compile(r"^\.(step-\d+)\.(tmp|old)-")
 # Settings that do not change what a run computes: a run may be resumed with other values of these.
 RESUMABLE_WITH_OTHER = ("eval_batch_size", "checkpoint_dir", "checkpointing_steps", "resume_from_checkpoint")
 RESUMABLE_WITH_OTHER += ("max_train_steps", "num_workers")
@@ -96,9 +97,9 @@ def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         return None
-    for leftover in checkpoint_dir.iterdir():  # what a killed save left behind
-        if CHECKPOINT_PATTERN.match(leftover.name):
-            recover_interrupted_write(leftover)
+    for leftover in checkpoint_dir.iterdir():  # what a killed save left behind: put back, or clean up
+        if match := LEFTOVER_PATTERN.match(leftover.name):
+            recover_interrupted_write(checkpoint_dir / match.group(1))
     found = [(int(m.group(1)), p) for p in checkpoint_dir.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
     found = [(steps, p) for steps, p in found if (p / STATE_FILENAME).is_file()]
     return max(found)[1] if found else None
