@@ -171,7 +171,11 @@ def set_train_mode(model: nn.Module, mode: bool = True) -> nn.Module:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; for a peft model, total counts the base once plus the adapter."""
+    """(trainable, total) parameter counts; for a peft model (peft's own count), total counts the base once plus the
+    adapter."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        return model.get_nb_trainable_parameters()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total
+    return trainable, sum(p.numel() for p in model.parameters())
