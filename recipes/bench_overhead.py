@@ -38,22 +38,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 # Backbone widths of the memory curve (DINOv2 blocks under an UperNet head, random init). ViT-S is the `small` base.
 WIDTHS = {
     "ViT-S": NAMED_CONFIGS["small"],
-    "ViT-B": dict(
-        hidden_size=768,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        intermediate_size=3072,
-        patch_size=16,
-        head_channels=256,
-    ),
-    "ViT-L": dict(
-        hidden_size=1024,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        intermediate_size=4096,
-        patch_size=16,
-        head_channels=256,
-    ),
+    "ViT-B": NAMED_CONFIGS["small"] | dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072),
+    "ViT-L": NAMED_CONFIGS["small"]
+    | dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
 }
 # Training-step variants of the memory curve: (method of `prepare_model`, activation checkpointing).
 TRAIN_VARIANTS = {

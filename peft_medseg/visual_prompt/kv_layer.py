@@ -64,13 +64,8 @@ class KeyValuePromptLayer(VisualPromptLayer):
         image_adapters = self._row_adapters(num_images)
         if image_adapters is None or all(name is None for name in image_adapters):
             return type(attention).forward(attention, hidden_states, *args, **kwargs)
-        rows = self.prompt_rows(image_adapters, self.prompt_norm, self.layout)
+        rows = select_prompt_rows(self, image_adapters, self.prompt_norm, self.layout)
         return attend_with_prompts(attention, hidden_states, rows, args, kwargs)
-
-    def prompt_rows(self, image_adapters: list[str | None], prompt_norm: nn.Module, layout: str) -> PromptRows:
-        """The prompts of these samples' adapters, with prompt dropout applied (one mask per sample)."""
-        adapters = [name for name in image_adapters if name is not None]
-        return select_prompt_rows(self, image_adapters, adapters, prompt_norm, layout)
 
 
 @dataclass
@@ -91,9 +86,11 @@ class PromptRows:
 
 
 def select_prompt_rows(
-    layer: VisualPromptLayer, image_adapters: list[str | None], adapters: list[str], norm: nn.Module, layout: str
+    layer: VisualPromptLayer, image_adapters: list[str | None], norm: nn.Module, layout: str
 ) -> PromptRows:
-    """`PromptRows` for the prompted images (`adapters`, in batch order) of `image_adapters`, from `layer`'s prompts."""
+    """`PromptRows` for the prompted images (those with an adapter, in batch order) of `image_adapters`, from
+    `layer`'s prompts, with prompt dropout applied (one mask per sample)."""
+    adapters = [name for name in image_adapters if name is not None]
     names = sorted(set(adapters))
     sizes = {name: layer.vpt_prompt[name].shape[0] for name in names}
     if len(set(sizes.values())) > 1:
@@ -154,8 +151,7 @@ class DeepKeyValuePromptLayer(VisualPromptLayer):
             or not self.runs_as_key_values(row_adapters)
         ):
             return super().forward(block, hidden_states, *args, **kwargs)
-        adapters = [name for name in row_adapters if name is not None]
-        rows = select_prompt_rows(self, row_adapters, adapters, self.prompt_norm, self.layout)
+        rows = select_prompt_rows(self, row_adapters, self.prompt_norm, self.layout)
         output = type(block).forward(block, hidden_states, *args, vpt_prompt_rows=rows, **kwargs)
         self.carry.tokens = None  # nothing carries deep prompts to the next block
         return output
