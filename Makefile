@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: install test lint demo bench paper-quick clean
+.PHONY: install test lint demo app bench paper-quick clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -37,6 +37,17 @@ demo: $(VENV)/.installed
 		--num_train_cases 8 --num_epochs 30 --eval_centers $(DEMO_CENTERS) $(DEMO_NEW) --output_dir $(DEMO)/vpt-deep-norms-$(DEMO_NEW)
 	$(PY) recipes/evaluate_centers.py --base_model $(DEMO)/base --models $(DEMO)/vpt-deep-norms-$(DEMO_NEW) \
 		--centers $(DEMO_CENTERS) $(DEMO_NEW) --output_dir $(DEMO)/eval
+	$(PY) recipes/evaluate_routing.py --base_model $(DEMO)/base --adapters $(DEMO)/vpt-deep-norms-$(DEMO_NEW) \
+		--signature_centers $(DEMO_CENTERS) --output_dir $(DEMO)/routing
+	# Masks for test scans of the new and an old center, each routed by its signature (old center -> the base).
+	SCANS=$$($(PY) -c "from peft_medseg.data.synthetic import synthetic_cache_dir as d; print(d())") && \
+	$(PY) recipes/predict.py --base_model $(DEMO)/base --adapters $(DEMO)/vpt-deep-norms-$(DEMO_NEW) --route auto \
+		--overwrite --output_dir $(DEMO)/predictions "$$SCANS/$(DEMO_NEW)/images/sub02?_slice1.png" \
+		"$$SCANS/t1w_3t/images/sub02?_slice2.png"
+
+# The interactive app (Gradio) on the demo's base and adapter: http://127.0.0.1:7860
+app: $(VENV)/.installed
+	$(PY) recipes/app.py --base_model $(DEMO)/base --adapters $(DEMO)/vpt-deep-norms-$(DEMO_NEW)
 
 # Overhead ratios and cost curves (latency, FLOPs, training memory, mixed batches), ViT-S sized, 224 px; PNGs in outputs/bench/; see README "Speed and memory".
 bench: $(VENV)/.installed

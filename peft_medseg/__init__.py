@@ -15,9 +15,13 @@ from .visual_prompt import (
     register_visual_prompt,
 )
 
+from .routing import CenterRouter, CenterSignature  # noqa: E402 - after the registration above
+
 __version__ = "0.1.0"
 __all__ = [
     "BASE_ADAPTER_NAME",
+    "CenterRouter",
+    "CenterSignature",
     "SUPPORTED_BLOCK_CLASSES",
     "VisualPromptConfig",
     "VisualPromptLayer",

@@ -72,3 +72,43 @@ def plot_overlays(
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return Path(path)
+
+
+def label_colours(num_labels: int) -> np.ndarray:
+    """(num_labels, 4) RGBA colour of each class in overlays (class 0, the background, is transparent)."""
+    colours = plt.get_cmap("tab10")(np.arange(max(num_labels, 1)) % 10)
+    colours[0, 3] = 0.0
+    return colours
+
+
+def overlay_image(image: np.ndarray, mask: np.ndarray, num_labels: int, alpha: float = 0.45) -> np.ndarray:
+    """(H, W, 3) uint8: the image in gray (or its colours), rescaled to its range, with each class painted over it."""
+    image = np.asarray(image, dtype=np.float32)
+    low, high = np.percentile(image, [0.5, 99.5]) if image.size else (0.0, 1.0)
+    image = np.clip((image - low) / max(float(high - low), 1e-6), 0, 1)
+    rgb = np.repeat(image[..., None], 3, axis=-1) if image.ndim == 2 else image[..., :3]
+    colours = label_colours(num_labels)
+    painted = colours[np.clip(mask, 0, num_labels - 1)]
+    weight = np.where(mask > 0, alpha, 0.0)[..., None]
+    return ((1 - weight) * rgb + weight * painted[..., :3]).clip(0, 1).__mul__(255).astype(np.uint8)
+
+
+def plot_mask_overlay(
+    image: np.ndarray, mask: np.ndarray, id2label: dict[int, str], path: str | Path, title: str = ""
+) -> Path:
+    """A PNG of `mask` over `image` with a legend naming each class's colour."""
+    num_labels = max(len(id2label), int(mask.max()) + 1, 2)
+    figure, axes = plt.subplots(figsize=(5, 5.4))
+    axes.imshow(overlay_image(image, mask, num_labels))
+    axes.set_axis_off()
+    axes.set_title(title, fontsize=9)
+    colours = label_colours(num_labels)
+    handles = [
+        plt.Rectangle((0, 0), 1, 1, color=colours[label][:3], label=id2label.get(label, str(label)))
+        for label in range(1, num_labels)
+    ]
+    axes.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, -0.1), ncol=min(4, len(handles)), fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return Path(path)

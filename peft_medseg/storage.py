@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -283,11 +283,17 @@ def save_base(model: nn.Module, image_processor, folder: str | Path, records: di
 
 
 def save_finetuned(
-    model: nn.Module, output_dir: str | Path, image_processor=None, evaluation: dict[str, Any] | None = None
+    model: nn.Module,
+    output_dir: str | Path,
+    image_processor=None,
+    evaluation: dict[str, Any] | None = None,
+    attachments: Sequence[Callable[[Path], Any]] = (),
 ) -> Path:
     """Save a fine-tuned model atomically: the adapter for a peft model, else the full model (`save_pretrained`).
 
-    The image processor (full models only: an adapter uses its base's) and the evaluation JSON go in the same folder.
+    The image processor (full models only: an adapter uses its base's) and the evaluation JSON go in the same folder;
+    each of `attachments` is called with the staging folder to write more files (a center signature) before the
+    folder is swapped in, so the adapter and what travels with it are replaced together.
     """
     from peft import PeftModel
 
@@ -297,4 +303,6 @@ def save_finetuned(
             image_processor.save_pretrained(staging)
         if evaluation is not None:
             (staging / EVALUATION_FILENAME).write_text(json.dumps(evaluation, indent=2, allow_nan=True) + "\n")
+        for attach in attachments:
+            attach(staging)
     return Path(output_dir)

@@ -19,6 +19,8 @@ r"""Adapt a pretrained base to one new center: visual prompts, LoRA, the decode 
     python recipes/finetune_center.py finetune.yaml
 
 Writes <output_dir>/ (the adapter, or the full model) with evaluation.json: Dice and HD95 on every center's test split.
+An adapter also gets center_signature.safetensors: the frozen base's feature statistics on the center, with which
+`predict.py --route auto` and `peft_medseg.CenterRouter` recognise the center's images (or reject foreign ones).
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ from peft_medseg.scoring import absent_classes_note, evaluate_segmentation, json
 from peft_medseg.storage import claim_output_dir, load_base, save_finetuned
 from peft_medseg.training import (
     DEFAULT_METHOD,
+    PEFT_METHODS,
     VPT_METHODS,
     TrainingConfig,
+    center_signature,
     default_learning_rate,
     eval_transform,
     finetune_center,
@@ -74,6 +78,13 @@ class FinetuneArguments:
         default=False, metadata={"help": "VPT/LoRA without the last classifier (by default it trains too)."}
     )
     lora_rank: int = field(default=8, metadata={"help": "Rank of LoRA."})
+    false_rejection_rate: float = field(
+        default=0.05,
+        metadata={
+            "help": "Adapters: share of the center's own validation images the router may send to the base; sets the "
+            "rejection threshold saved in center_signature.safetensors."
+        },
+    )
     gradient_checkpointing: bool | None = field(
         default=None,
         metadata={
@@ -122,6 +133,12 @@ def main(argv: list[str] | None = None) -> None:
         if accelerator.is_main_process:
             claims.enter_context(claim_output_dir(args.output_dir))
             claims.enter_context(claim_output_dir(config.checkpoint_dir))
+        signature = None
+        if args.method in PEFT_METHODS and accelerator.is_main_process:
+            # Of the frozen base, before the adapter is injected: what the router compares new images with.
+            signature = center_signature(
+                base, processor, data, new_center, data_args.validation_fraction, args.false_rejection_rate
+            )
         if run_args.report_to:
             hparams = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
             accelerator.init_trackers("finetune_center", hparams)
@@ -144,10 +161,12 @@ def main(argv: list[str] | None = None) -> None:
         )
         accelerator.end_training()
         if accelerator.is_main_process:
-            save_evaluated(args, data_args, config, outcome, data, processor, num_labels, new_center)
+            save_evaluated(args, data_args, config, outcome, data, processor, num_labels, new_center, signature)
 
 
-def save_evaluated(args, data_args, config, outcome, data, processor, num_labels: int, new_center: str) -> None:
+def save_evaluated(
+    args, data_args, config, outcome, data, processor, num_labels: int, new_center: str, signature=None
+) -> None:
     """Score the fine-tuned model on every test center and save it with evaluation.json, atomically."""
     model, result = outcome.model, outcome.result
     test = data["test"]
@@ -175,7 +194,8 @@ def save_evaluated(args, data_args, config, outcome, data, processor, num_labels
             "gradient_checkpointing": uses_gradient_checkpointing(args.method, args.gradient_checkpointing),
         },
     }
-    save_finetuned(model, args.output_dir, processor, evaluation)
+    attachments = [signature.save] if signature is not None else []
+    save_finetuned(model, args.output_dir, processor, evaluation, attachments)
     print(f"Saved {args.method} for {new_center} to {args.output_dir}: test Dice {scores[new_center]['dice']:.3f}.")
     if note := absent_classes_note(scores):
         print(note)

@@ -78,3 +78,25 @@ def test_outputs_are_written_and_a_rerun_resumes(protocol_run, tmp_path):
     again = run_protocol(cfg, output, progress=messages.append)
     assert len(again) == len(rows)
     assert not any("seed=" in m for m in messages)
+
+
+def test_share_of_full_gain_per_split_and_across_splits(tmp_path):
+    """Hand-computed shares: (method - direct) / (full - direct), mean and worst split over two splits."""
+    from peft_medseg.experiments.paper_report import share_of_gain
+
+    def row(held_out, method, seed, new):
+        return {"held_out": held_out, "method": method, "seed": seed, "num_train_cases": None, "new_dice": new,
+                "new_hd95": 1.0, "old_dice_paper": 0.7, "trainable": 10, "total": 1000, "weights_bytes": 40,
+                "seconds_per_epoch": 1.0}  # fmt: skip
+
+    rows = [
+        row("X", "direct", 0, 0.50), row("X", "full", 0, 0.70), row("X", "full", 1, 0.70),
+        row("X", "vpt", 0, 0.68), row("X", "vpt", 1, 0.66),   # mean 0.67 -> 85%
+        row("Y", "direct", 0, 0.40), row("Y", "full", 0, 0.60),
+        row("Y", "vpt", 0, 0.45),                              # 25%
+    ]  # fmt: skip
+    assert share_of_gain(0.67, 0.5, 0.7) == pytest.approx(0.85)
+    assert math.isnan(share_of_gain(0.6, 0.5, 0.5))  # full fine-tuning gained nothing: no share to report
+    text = summarize(rows, tmp_path)
+    assert "| vpt | 10 (1.00%) | 40 B | 0.670 ± 0.014 | 85% |" in text
+    assert "| vpt | 1.00% | 2 | 0.560 | 55% | Y (25%) |" in text

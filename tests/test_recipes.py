@@ -111,6 +111,11 @@ def test_pretrain_finetune_evaluate(pipeline):
     base = AutoModelForSemanticSegmentation.from_pretrained(root / "base")
     PeftModel.from_pretrained(base, str(root / "vpt"))
     AutoModelForSemanticSegmentation.from_pretrained(root / "full")
+    # The adapter travels with its center's signature, made with this base; a full model has no router to feed.
+    from peft_medseg.routing import SIGNATURE_FILENAME, CenterRouter
+
+    CenterRouter.from_adapters([root / "vpt"]).check_base(AutoModelForSemanticSegmentation.from_pretrained(root / "base"))
+    assert not (root / "full" / SIGNATURE_FILENAME).exists()
 
     out = root / "eval"
     result = run(

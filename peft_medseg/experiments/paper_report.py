@@ -43,6 +43,37 @@ def _size(num_bytes: float) -> str:
     return f"{num_bytes:.1f} TB"
 
 
+def _percent(value: float) -> str:
+    return "—" if math.isnan(value) else f"{100 * value:.0f}%"
+
+
+def share_of_gain(method_dice: float, direct_dice: float, full_dice: float) -> float:
+    """(method - direct) / (full - direct): the share of full fine-tuning's gain on the new center that a method
+    recovers (1 = as good as full fine-tuning; NaN when full fine-tuning gains nothing to share)."""
+    gain = full_dice - direct_dice
+    if any(math.isnan(v) for v in (method_dice, direct_dice, full_dice)) or gain <= 1e-9:
+        return math.nan
+    return (method_dice - direct_dice) / gain
+
+
+def across_splits(csv_rows: list[dict]) -> str:
+    """Markdown: per method, the share of full fine-tuning's gain over the held-out splits (mean and worst split)."""
+    lines = ["### Across splits: share of full fine-tuning's gain on the new center\n"]
+    lines.append("| method | trainable | splits | mean new-center Dice | mean share | worst split (share) |")
+    lines.append("|---|---|---|---|---|---|")
+    for method in dict.fromkeys(r["method"] for r in csv_rows):
+        runs = [r for r in csv_rows if r["method"] == method]
+        shares = [(r["share_of_full_gain"], r["held_out"]) for r in runs if not math.isnan(r["share_of_full_gain"])]
+        mean_share = statistics.fmean(s for s, _ in shares) if shares else math.nan
+        worst = min(shares) if shares else (math.nan, "—")
+        lines.append(
+            f"| {method} | {runs[0]['trainable_percent']:.2f}% | {len(runs)} | "
+            f"{_fmt(statistics.fmean(r['new_dice_mean'] for r in runs))} | {_percent(mean_share)} | "
+            f"{worst[1]} ({_percent(worst[0])}) |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def summarize(rows: list[dict], output_dir: str | Path) -> str:
     """Write `summary.md`, `summary.csv`, `runs.csv` and one `figure-<center>.png` per held-out center; return the
     Markdown."""
@@ -61,11 +92,14 @@ def summarize(rows: list[dict], output_dir: str | Path) -> str:
         full_seconds = _stats([r["seconds_per_epoch"] for r in by_method.get("full", [])])[0]
         seeds = sorted({r["seed"] for r in full_runs if r["method"] != "direct"})
         markdown.append(f"### New center `{held_out}` (base pretrained on the other centers; seeds {seeds})\n")
+        direct_new = _stats([r["new_dice"] for r in by_method.get("direct", [])])[0]
+        full_new = _stats([r["new_dice"] for r in by_method.get("full", [])])[0]
         markdown.append(
-            "| method | trainable | trained weights on disk | new-center Dice | new-center HD95 (px) | "
+            "| method | trainable | trained weights on disk | new-center Dice | share of full fine-tuning's gain | "
+            "new-center HD95 (px) | "
             "old centers, paper protocol (Δ) | old centers, routed (Δ) | time/epoch vs full | peak memory vs full |"
         )
-        markdown.append("|---|---|---|---|---|---|---|---|---|")
+        markdown.append("|---|---|---|---|---|---|---|---|---|---|")
         for method, runs in by_method.items():
             new = _stats([r["new_dice"] for r in runs])
             hd95 = _stats([r["new_hd95"] for r in runs])
@@ -76,9 +110,10 @@ def summarize(rows: list[dict], output_dir: str | Path) -> str:
             time_ratio = seconds / full_seconds if method != "direct" and full_seconds else math.nan
             mem_ratio = memory[method] / memory["full"] if method in memory and memory.get("full") else math.nan
             routed_text = "—" if math.isnan(routed[0]) else f"{_fmt(routed[0])} ({routed[0] - base_old:+.3f})"
+            share = share_of_gain(new[0], direct_new, full_new)
             markdown.append(
                 f"| {method} | {trainable:,} ({100 * trainable / total:.2f}%) | {_size(runs[0]['weights_bytes'])} | "
-                f"{_fmt(*new)} | {_fmt(*hd95, digits=2)} | {_fmt(old[0])} ({old[0] - base_old:+.3f}) | "
+                f"{_fmt(*new)} | {_percent(share)} | {_fmt(*hd95, digits=2)} | {_fmt(old[0])} ({old[0] - base_old:+.3f}) | "
                 f"{routed_text} | {_ratio(time_ratio)} | {_ratio(mem_ratio)} |"
             )
             csv_rows.append(
@@ -91,6 +126,7 @@ def summarize(rows: list[dict], output_dir: str | Path) -> str:
                     "weights_bytes": runs[0]["weights_bytes"],
                     "new_dice_mean": new[0],
                     "new_dice_std": new[1],
+                    "share_of_full_gain": share,
                     "new_hd95_mean": hd95[0],
                     "old_dice_paper": old[0],
                     "old_dice_routed": routed[0],
@@ -117,6 +153,8 @@ def summarize(rows: list[dict], output_dir: str | Path) -> str:
         markdown.append("")
         _figure(held_out, by_method, base_old, shots, curves, output_dir / f"figure-{held_out}.png")
 
+    if len({r["held_out"] for r in rows}) > 1:
+        markdown.append(across_splits(csv_rows))
     text = "\n".join(markdown)
     (output_dir / "summary.md").write_text(text + "\n")
     if csv_rows:

@@ -9,6 +9,7 @@ from typing import Any
 
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi
 
+from ..routing import SIGNATURE_FILENAME, CenterSignature
 from ..storage import EVALUATION_FILENAME, atomic_directory
 from ..visual_prompt import AdapterCheck, check_adapter_folder
 from ..visual_prompt.files import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
@@ -28,7 +29,8 @@ def prepare_upload_folder(
     base_model: str | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write exactly the files a push uploads: adapter config, weights, README.md and, if given, evaluation.json.
+    """Write exactly the files a push uploads: adapter config, weights, README.md, the center signature when the
+    adapter folder has one (`center_signature.safetensors`, for routing) and, if given, evaluation.json.
 
     The folder is written next to `output_dir` under a temporary name and renamed into place only once complete, so a
     loader never sees a half-written adapter. This is what `push_adapter.py --dry-run` produces.
@@ -63,6 +65,9 @@ def prepare_upload_folder(
         adapter_bytes=check.adapter_bytes,
     )
     validate_card_metadata(card)
+    signature = (check.adapter_dir / SIGNATURE_FILENAME).is_file()
+    if signature:
+        CenterSignature.load(check.adapter_dir / SIGNATURE_FILENAME)  # a damaged signature is refused before writing
 
     output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite:
@@ -70,6 +75,8 @@ def prepare_upload_folder(
     with atomic_directory(output_dir) as staging:
         shutil.copyfile(check.adapter_dir / ADAPTER_CONFIG_NAME, staging / ADAPTER_CONFIG_NAME)
         shutil.copyfile(check.adapter_dir / ADAPTER_WEIGHTS_NAME, staging / ADAPTER_WEIGHTS_NAME)
+        if signature:  # so that routers can pull it with the adapter
+            shutil.copyfile(check.adapter_dir / SIGNATURE_FILENAME, staging / SIGNATURE_FILENAME)
         (staging / CARD_NAME).write_text(str(card), encoding="utf-8")
         if evaluation_path is not None:
             # The file as the recipe wrote it, byte for byte: the card is the summary, this is the record.

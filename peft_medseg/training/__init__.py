@@ -4,7 +4,7 @@ from ..data import SYNTHETIC, load_multicenter_dataset, parse_label_map  # re-ex
 from ..storage import atomic_directory, is_adapter_folder, load_base, load_finetuned, save_finetuned
 from .checkpoint import trainable_state
 from .data import eval_transform, split_validation, train_transform
-from .finetune import FinetuneOutcome, finetune_center, pretrain_base
+from .finetune import FinetuneOutcome, center_signature, finetune_center, pretrain_base
 from .loop import (
     TrainingConfig,
     TrainingResult,
@@ -33,6 +33,7 @@ from .methods import (
 __all__ = [
     "CLASSIFIER_MODULE",
     "FinetuneOutcome",
+    "center_signature",
     "DEFAULT_LEARNING_RATES",
     "DEFAULT_METHOD",
     "LORA_TARGET_MODULES",

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from datasets import DatasetDict
 from torch import nn
+from torch.utils.data import DataLoader
 
 from ..data import select_centers
 from ..models import build_segmentation_model
+from ..routing import DEFAULT_FALSE_REJECTION_RATE, CenterSignature, compute_signature
 from .data import eval_transform, split_validation, train_transform
 from .loop import TrainingConfig, TrainingResult, train_segmentation
 from .methods import (
@@ -108,3 +111,30 @@ def finetune_center(
         num_train_cases=len(set(train["case_id"])),
         num_train_images=len(train),
     )
+
+
+def _stack_pixel_values(examples: list[dict]) -> torch.Tensor:
+    return torch.stack([example["pixel_values"] for example in examples])
+
+
+def center_signature(
+    base: nn.Module,
+    image_processor,
+    data: DatasetDict,
+    center: str,
+    validation_fraction: float = 0.2,
+    false_rejection_rate: float = DEFAULT_FALSE_REJECTION_RATE,
+    batch_size: int = 16,
+) -> CenterSignature:
+    """The routing signature of `center` (see `peft_medseg.routing`) from the frozen `base`: statistics of its
+    features on the center's training cases, threshold calibrated on the same validation cases as `finetune_center`.
+    Call it on the base before adapting (or on the adapted peft model: adapters are disabled while it looks)."""
+    fit, calibration = split_validation(select_centers(data["train"], center), validation_fraction)
+    transform = eval_transform(image_processor)
+
+    def batches(rows):
+        rows = rows.select_columns(["image", "label", "center"])
+        rows.set_transform(transform)
+        yield from DataLoader(rows, batch_size=batch_size, collate_fn=_stack_pixel_values)
+
+    return compute_signature(base, center, batches(fit), batches(calibration), false_rejection_rate)
