@@ -5,6 +5,7 @@
 peft resolves the adapter type from adapter_config.json through a mapping that exists only after the import.
 """
 
+from .routing import CenterRouter, CenterSignature  # noqa: E402 - after the registration above
 from .visual_prompt import (
     BASE_ADAPTER_NAME,
     SUPPORTED_BLOCK_CLASSES,
@@ -14,8 +15,6 @@ from .visual_prompt import (
     check_base_compatible,
     register_visual_prompt,
 )
-
-from .routing import CenterRouter, CenterSignature  # noqa: E402 - after the registration above
 
 __version__ = "0.1.0"
 __all__ = [
