@@ -5,7 +5,7 @@
 peft resolves the adapter type from adapter_config.json through a mapping that exists only after the import.
 """
 
-from .routing import CenterRouter, CenterSignature  # noqa: E402 - after the registration above
+from .routing import CenterRouter, CenterSignature
 from .visual_prompt import (
     BASE_ADAPTER_NAME,
     SUPPORTED_BLOCK_CLASSES,

@@ -267,13 +267,20 @@ class CenterRouter:
     >>> routes = router.route(model, pixel_values)
     >>> logits = model(pixel_values=pixel_values, adapter_names=routes.adapter_names).logits
 
-    Adapter names are the signatures' centers unless `adapter_names` maps them to other names.
+    Keys of `signatures` are adapter names. Signatures of the centers the base was trained on can join as
+    `base_centers`: their images are then recognised as known and go to the base, instead of being measured against
+    the adapters' centers only.
     """
 
-    def __init__(self, signatures: Mapping[str, CenterSignature]):
+    def __init__(self, signatures: Mapping[str, CenterSignature], base_centers: Sequence[str] = ()):
         if not signatures:
             raise ValueError("a CenterRouter needs at least one center signature.")
         self.signatures = dict(signatures)
+        unknown = sorted(set(base_centers) - set(self.signatures))
+        if unknown:
+            raise ValueError(f"base_centers {unknown} have no signature; signatures: {sorted(self.signatures)}.")
+        # Centers the base was trained on: recognised (not rejected as foreign), and served by the base itself.
+        self.base_centers = set(base_centers)
         sizes = {tuple(s.image_size) for s in self.signatures.values()}
         if len(sizes) > 1:
             raise ValueError(f"signatures were made at different input sizes {sorted(sizes)}: one base, one size.")
@@ -317,7 +324,10 @@ class CenterRouter:
         nearest = [centers[i] for i in best.tolist()]
         chosen = calibrated.gather(1, best[:, None])[:, 0]
         return Routes(
-            adapter_names=[c if d <= 1.0 else BASE_ADAPTER_NAME for c, d in zip(nearest, chosen.tolist())],
+            adapter_names=[
+                c if d <= 1.0 and c not in self.base_centers else BASE_ADAPTER_NAME
+                for c, d in zip(nearest, chosen.tolist())
+            ],
             nearest=nearest,
             distances=raw.gather(1, best[:, None])[:, 0].tolist(),
             calibrated=chosen.tolist(),

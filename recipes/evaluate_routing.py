@@ -84,20 +84,11 @@ def main(argv: list[str] | None = None) -> None:
             model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
             for name in names[1:]:
                 model.load_adapter(adapters[name], adapter_name=name)
-            # Centers with only a computed signature have no adapter: routing to them means the base.
-            signatures_with_adapter = {c: s for c, s in signatures.items() if c in adapters}
-            others = {c: s for c, s in signatures.items() if c not in adapters}
         test.set_transform(eval_transform(processor))
-        if adapters and others:
-            # Dice needs an adapter per routed center: score Dice with the adapters' signatures, routing with all.
-            dice = evaluate_routing(model, signatures_with_adapter, test, base.config.num_labels, adapters=True)
-            summary = evaluate_routing(model, signatures, test, base.config.num_labels, groups=groups)
-            for center, entry in summary["centers"].items():
-                entry |= {k: v for k, v in dice["centers"][center].items() if k.startswith("dice_")}
-        else:
-            summary = evaluate_routing(
-                model, signatures, test, base.config.num_labels, adapters=bool(adapters), groups=groups
-            )
+        # Signature centers without an adapter are the base's own: recognised, and served by the base.
+        summary = evaluate_routing(
+            model, signatures, test, base.config.num_labels, adapters=list(adapters), groups=groups
+        )
         print(write_routing_report(summary, args.output_dir, title=str(data_args.dataset)))
         (Path(args.output_dir) / "routing.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"Wrote {args.output_dir}/routing.md, routing.csv, routing.png, routing.json.")

@@ -442,3 +442,25 @@ def round_trip(adapter: dict[str, Path], tmp_path: Path) -> None:
     )
     torch.testing.assert_close(torch.load(tmp_path / "offline.pt"), expected, rtol=0, atol=0)
     assert "NOT CACHED" in output
+
+
+def test_upload_carries_the_center_signature_for_routing(adapter, tmp_path):
+    """An adapter saved by finetune_center.py has its signature next to it; the upload takes it along, checked."""
+    import shutil
+
+    from peft_medseg.routing import SIGNATURE_FILENAME, CenterSignature, compute_signature
+
+    folder = tmp_path / "center-B"
+    shutil.copytree(adapter["adapter"], folder)
+    base = AutoModelForSemanticSegmentation.from_pretrained(adapter["adapter"].parent / "base").eval()
+    images = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    compute_signature(base, "B", images[:2], images[2:]).save(folder)
+    prepare_upload_folder(folder, tmp_path / "upload")
+    assert sorted(p.name for p in (tmp_path / "upload").iterdir()) == sorted(
+        [*(n for n in UPLOADED if n != "evaluation.json"), SIGNATURE_FILENAME]
+    )
+    CenterSignature.load(tmp_path / "upload" / SIGNATURE_FILENAME).check_base(base)
+    (folder / SIGNATURE_FILENAME).write_bytes(b"damaged")
+    with pytest.raises(ValueError, match=SIGNATURE_FILENAME):
+        prepare_upload_folder(folder, tmp_path / "upload-2")
+    assert not (tmp_path / "upload-2").exists()

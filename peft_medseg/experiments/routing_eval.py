@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import statistics
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -47,17 +47,20 @@ def evaluate_routing(
     signatures: Mapping[str, CenterSignature],
     test: Dataset,
     num_labels: int,
-    adapters: bool = False,
+    adapters: Sequence[str] = (),
     batch_size: int = 32,
     groups: Mapping[str, str] | None = None,
 ) -> dict:
     """Routing on a transformed test split (`pixel_values`, `labels`, `center` rows).
 
-    `signatures` are keyed by adapter name = center name. With `adapters`, `model` is a peft model holding an adapter
-    under each of those names, and Dice is measured too. `groups` (center -> institution) adds the share of each
+    `signatures` are keyed by center. `adapters` names the centers that have an adapter in `model` (a peft model,
+    adapter name = center); the other signature centers are the base's own and route to the base. With adapters,
+    Dice is measured too. `groups` (center -> institution) adds the share of each
     center's images whose nearest signature belongs to its own institution. Returns `{"centers": {center: {...}}, "unknown": {...}}`.
     """
-    router = CenterRouter(signatures)
+    # Without adapters (routing alone), every signature center stands for an adapter of its own.
+    routable = list(adapters) or list(signatures)
+    router = CenterRouter(signatures, base_centers=[c for c in signatures if c not in routable])
     model.eval()
     rows: list[dict] = []
     for batch in DataLoader(test, batch_size=batch_size, collate_fn=collate_segmentation):
@@ -71,9 +74,10 @@ def evaluate_routing(
             "calibrated": routes.all_calibrated,
         }
         if adapters:
-            oracle = [c if c in signatures else BASE_ADAPTER_NAME for c in batch["center"]]
+            oracle = [c if c in adapters else BASE_ADAPTER_NAME for c in batch["center"]]
             nearest_wrong = [
-                _nearest_other(row, router.centers, c) for row, c in zip(routes.all_calibrated, batch["center"])
+                _nearest_other(row, list(adapters), router.centers, c)
+                for row, c in zip(routes.all_calibrated, batch["center"])
             ]
             for name, names in (
                 ("routed", routes.adapter_names),
@@ -88,16 +92,18 @@ def evaluate_routing(
                 ]
         for i in range(len(batch["center"])):
             rows.append({key: value[i] for key, value in record.items()})
-    return _summarise(rows, router.centers, adapters, groups)
+    return _summarise(rows, router.centers, routable, bool(adapters), groups)
 
 
-def _nearest_other(calibrated: torch.Tensor, centers: list[str], own: str) -> str:
-    # The adapter a mistaken router would pick for an unknown center: its nearest known center.
+def _nearest_other(calibrated: torch.Tensor, adapters: list[str], centers: list[str], own: str) -> str:
+    # The adapter a mistaken router would pick for an unknown center: the nearest center that has an adapter.
     order = calibrated.argsort().tolist()
-    return next((centers[i] for i in order if centers[i] != own), BASE_ADAPTER_NAME)
+    return next((centers[i] for i in order if centers[i] != own and centers[i] in adapters), BASE_ADAPTER_NAME)
 
 
-def _summarise(rows: list[dict], known: list[str], adapters: bool, groups: Mapping[str, str] | None = None) -> dict:
+def _summarise(
+    rows: list[dict], known: list[str], routable: list[str], adapters: bool, groups: Mapping[str, str] | None = None
+) -> dict:
     centers = sorted({r["center"] for r in rows})
     summary: dict = {"centers": {}, "unknown": {}}
     for center in centers:
@@ -106,7 +112,9 @@ def _summarise(rows: list[dict], known: list[str], adapters: bool, groups: Mappi
         entry = {
             "images": len(mine),
             "has_signature": center in known,
-            "correct": routes[center if center in known else BASE_ADAPTER_NAME] / len(mine),
+            "served_by": center if center in routable else BASE_ADAPTER_NAME,
+            # Right: a center with an adapter to its adapter; the base's own centers and unknown ones to the base.
+            "correct": routes[center if center in routable else BASE_ADAPTER_NAME] / len(mine),
             "rejected": routes[BASE_ADAPTER_NAME] / len(mine),
             "nearest_is_own": sum(r["nearest"] == center for r in mine) / len(mine),
             "routes": dict(routes),
@@ -163,7 +171,14 @@ def write_routing_report(summary: dict, output_dir: str | Path, title: str = "")
     lines.append("|---" * (6 + has_groups + 3 * has_dice) + "|")
     table = []
     for center, e in summary["centers"].items():
-        cells = [center, "yes" if e["has_signature"] else "no (unknown)", e["images"], f"{e['correct']:.1%}",
+        kind = (
+            "no (unknown)"
+            if not e["has_signature"]
+            else "adapter"
+            if e["served_by"] != BASE_ADAPTER_NAME
+            else "base's own"
+        )
+        cells = [center, kind, e["images"], f"{e['correct']:.1%}",
                  f"{e['rejected']:.1%}", f"{e['nearest_is_own']:.1%}"]  # fmt: skip
         if has_groups:
             cells.append(f"{e['nearest_in_group']:.1%} ({e['group']})" if "group" in e else "—")
