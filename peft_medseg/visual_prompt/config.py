@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -58,6 +59,13 @@ class VisualPromptConfig(PeftConfig):
         target_modules (`str` or `list[str]`, *optional*):
             Class names of the transformer blocks to prompt, for example `"Dinov2Layer"`. `None` detects the block
             class among the supported architectures. Blocks are matched by class, not by module path.
+        head_rank (`int`):
+            Rank of a per-center low-rank 1x1 update of every convolution of the decode head (`conv(x) + up(down(x))`,
+            `up` starting at zero), trained and saved with the prompts and routed per sample like them. 0: none.
+            Prompts adapt the encoder; on real center pairs much of what full fine-tuning changes sits in the head.
+        head_modules (`list[str]`, *optional*):
+            Regular expressions (full match) of the `Conv2d` modules that get the head update. `None`: every `Conv2d`
+            under `decode_head` except those in `modules_to_save` (such as the classifier, trained whole).
         modules_to_save (`list[str]`, *optional*):
             Modules trained and saved with the prompts, for example `["decode_head.classifier"]` (the last classifier
             of an UperNet head). Name a leaf `Conv2d`/`Linear` so that mixed-center batches can route it per sample.
@@ -83,6 +91,12 @@ class VisualPromptConfig(PeftConfig):
     prompt_dropout: float = field(default=0.1, metadata={"help": "Dropout on the inserted prompt tokens."})
     target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Class name(s) of the blocks to prompt; None detects them."}
+    )
+    head_rank: int = field(
+        default=0, metadata={"help": "Rank of the per-center low-rank 1x1 update of the decode head's convolutions."}
+    )
+    head_modules: list[str] | None = field(
+        default=None, metadata={"help": "Regexes of the head Conv2d modules to update; None: all under decode_head."}
     )
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained and saved with the prompts, e.g. ['decode_head.classifier']."}
@@ -117,6 +131,16 @@ class VisualPromptConfig(PeftConfig):
                 isinstance(value, bool) or not isinstance(value, int) or not lowest <= value <= MAX_RESOLVED_SIZE
             ):
                 raise ValueError(f"{name} must be None or an int in {lowest}..{MAX_RESOLVED_SIZE}, got {value!r}.")
+        if isinstance(self.head_rank, bool) or not isinstance(self.head_rank, int) or not 0 <= self.head_rank <= 1024:
+            raise ValueError(f"head_rank must be an int in 0..1024, got {self.head_rank!r}.")
+        if isinstance(self.head_modules, str):
+            self.head_modules = [self.head_modules]
+        if self.head_modules is not None:
+            for pattern in self.head_modules:
+                try:
+                    re.compile(pattern)
+                except (re.error, TypeError) as error:
+                    raise ValueError(f"head_modules: {pattern!r} is not a regular expression ({error}).") from None
         if self.prompt_mode not in ("tokens", "key_value"):
             raise ValueError(f"prompt_mode must be 'tokens' or 'key_value', got {self.prompt_mode!r}.")
         if self.prompt_mode == "key_value" and not self.deep:

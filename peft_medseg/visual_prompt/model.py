@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import types
 import warnings
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ from torch import nn
 
 from .architectures import DEEP_KEY_VALUE_BLOCKS, describe_base, describe_key_value_base, find_blocks
 from .config import VisualPromptConfig
+from .head_layer import HeadUpdateLayer
 from .kv_layer import DeepKeyValuePromptLayer, KeyValuePromptLayer, key_value_targets
 from .layer import BASE_ADAPTER_NAME, PromptCarry, VisualPromptLayer
 
@@ -52,7 +54,9 @@ class VisualPromptModel(BaseTuner):
     """
 
     prefix: str = "vpt_"
-    tuner_layer_cls = VisualPromptLayer
+    # Both layer kinds of an adapter: peft only ever tests isinstance(module, tuner_layer_cls) (set_adapter,
+    # delete_adapter, freezing), which takes a tuple.
+    tuner_layer_cls = (VisualPromptLayer, HeadUpdateLayer)
     target_module_mapping: dict[str, list[str]] = {}
 
     def __init__(self, model, peft_config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
@@ -98,11 +102,22 @@ class VisualPromptModel(BaseTuner):
             self._targets = {
                 name: "start" if i == first else "carry" for i, (name, _) in enumerate(blocks) if i >= first
             }
+        if peft_config.head_rank:
+            self._targets |= {name: "head" for name in head_update_targets(model, peft_config)}
 
     def _check_target_module_exists(self, peft_config: VisualPromptConfig, key: str) -> bool:
         return key in self._targets
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        if self._targets[current_key] == "head":
+            layer = getattr(target, "head_update", None)
+            if layer is None:
+                layer = HeadUpdateLayer(target)
+                target.head_update = layer
+                layer.set_adapter(self.active_adapters)
+            layer.update_layer(adapter_name, peft_config.head_rank)
+            layer.to(target.weight.device)
+            return
         layer = getattr(target, "visual_prompt", None)
         if peft_config.prompt_mode == "key_value":
             # `target` is an attention module; its prompts have its own width (stages differ in hierarchical models).
@@ -148,7 +163,7 @@ class VisualPromptModel(BaseTuner):
             return
         active = [name for name in self.active_adapters if name != adapter_name] or others[:1]
         for module in self.model.modules():
-            if isinstance(module, VisualPromptLayer):
+            if isinstance(module, self.tuner_layer_cls):
                 module.delete_adapter(adapter_name)
             elif isinstance(module, AuxiliaryTrainingWrapper):
                 module.delete_adapter(adapter_name, new_active_adapters=active)
@@ -167,6 +182,10 @@ class VisualPromptModel(BaseTuner):
         ]
         for module in prompted:  # blocks (token-level prompts) and attention modules (key/value prompts)
             type(module.visual_prompt).uninstall(module)
+        for module in [
+            m for m in self.model.modules() if isinstance(getattr(m, "head_update", None), HeadUpdateLayer)
+        ]:
+            HeadUpdateLayer.uninstall(module)
         # The base is shared by every center, so unloading gives back the original modules, not one center's trained
         # copies (peft's LoRA keeps the active copy of a modules_to_save module instead).
         wrappers = [name for name, m in self.model.named_modules() if isinstance(m, AuxiliaryTrainingWrapper)]
@@ -185,7 +204,10 @@ class VisualPromptModel(BaseTuner):
         expected = {
             name: param.shape
             for name, param in model.named_parameters()
-            if ".visual_prompt.vpt_prompt." in name and name.endswith(f".{adapter_name}")
+            if ".visual_prompt.vpt_prompt." in name
+            and name.endswith(f".{adapter_name}")
+            or ".head_update.vpt_" in name
+            and f".{adapter_name}." in name
         }
         missing = sorted(name for name in expected if name not in remapped)
         # Every tensor, prompts and modules_to_save copies alike (a classifier saved for another num_labels).
@@ -223,7 +245,7 @@ class VisualPromptModel(BaseTuner):
             raise ValueError(
                 f"adapter_names has {len(adapter_names)} entries for a batch of {pixel_values.shape[0]} samples."
             )
-        layers = [m for m in self.model.modules() if isinstance(m, VisualPromptLayer)]
+        layers = [m for m in self.model.modules() if isinstance(m, self.tuner_layer_cls)]
         # modules_to_save copies are routed here rather than by peft, which routes only leaf Linear/Conv/Embedding
         # modules: a center's own BatchNorm copy (statistics included) must route per sample too.
         wrappers = [m for m in self.model.modules() if isinstance(m, ModulesToSaveWrapper)]
@@ -254,6 +276,27 @@ class VisualPromptModel(BaseTuner):
         super().train(mode)
         keep_frozen_norms_in_eval(self.model)
         return self
+
+
+def head_update_targets(model: nn.Module, config: VisualPromptConfig) -> list[str]:
+    """Names of the `Conv2d` modules that get a head update (`config.head_rank > 0`), checked before injection."""
+    saved = tuple(config.modules_to_save or ())
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
+    if config.head_modules is None:
+        chosen = [
+            n
+            for n in names
+            if n.startswith("decode_head.") and not any(n == s or n.startswith(s + ".") for s in saved)
+        ]
+    else:
+        chosen = [n for n in names if any(re.fullmatch(pattern, n) for pattern in config.head_modules)]
+    clash = [n for n in chosen if any(n == s or n.startswith(s + ".") for s in saved)]
+    if clash:
+        raise ValueError(f"head_modules {clash} are also in modules_to_save: a module is updated or copied, not both.")
+    if not chosen:
+        where = config.head_modules or "decode_head (outside modules_to_save)"
+        raise ValueError(f"head_rank={config.head_rank}, but {where} matches no Conv2d module of the base.")
+    return chosen
 
 
 def keep_frozen_norms_in_eval(model: nn.Module) -> nn.Module:

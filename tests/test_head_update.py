@@ -1,0 +1,145 @@
+"""The head update (`head_rank`): a per-center low-rank 1x1 update of the decode head's convolutions, in the adapter."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+
+import peft_medseg
+from peft_medseg import VisualPromptConfig
+from peft_medseg.models import build_segmentation_model
+
+CLASSIFIER = ["decode_head.classifier"]
+
+
+def tiny_base(seed=0):
+    torch.manual_seed(seed)
+    return build_segmentation_model("tiny", 3, image_size=32).eval()
+
+
+def pixels(batch=2, seed=1):
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def perturb(model, scale=0.05, seed=2):
+    """Trained-looking adapter weights (a zero `up` would hide a wrong route or a failed load)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(scale * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def test_head_update_equals_a_hand_written_update_of_every_head_conv():
+    base = tiny_base()
+    model = perturb(get_peft_model(copy.deepcopy(base), VisualPromptConfig(num_virtual_tokens=2, head_rank=3,
+                                                                           modules_to_save=CLASSIFIER))).eval()  # fmt: skip
+    # Reference: the same prompts and classifier without head updates, and each head conv patched by hand.
+    reference = get_peft_model(
+        copy.deepcopy(base), VisualPromptConfig(num_virtual_tokens=2, modules_to_save=CLASSIFIER)
+    )
+    state = {k: v for k, v in model.state_dict().items() if "head_update" not in k}
+    reference.load_state_dict(state, strict=True)
+    reference.eval()
+    updated = {n: m for n, m in model.base_model.model.named_modules() if hasattr(m, "head_update")}
+    assert set(updated) == {
+        n for n, m in base.named_modules() if isinstance(m, torch.nn.Conv2d) and n.startswith("decode_head.")
+    } - {"decode_head.classifier"}
+    for name, conv in updated.items():
+        down = conv.head_update.vpt_down["default"].weight[:, :, 0, 0]  # (rank, in)
+        up = conv.head_update.vpt_up["default"].weight[:, :, 0, 0]  # (out, rank)
+        target = reference.base_model.model.get_submodule(name)
+        target.register_forward_hook(
+            lambda m, i, o, down=down, up=up: o + torch.einsum("or,ri,bihw->bohw", up, down, i[0])
+        )
+    x = pixels()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(pixel_values=x).logits, reference(pixel_values=x).logits, atol=1e-5, rtol=1e-5
+        )
+
+
+def test_new_adapter_starts_as_the_base_head_and_training_leaves_the_base_bit_identical():
+    base = tiny_base()
+    original = {k: v.clone() for k, v in base.state_dict().items()}
+    x = pixels()
+    with torch.no_grad():
+        without = get_peft_model(copy.deepcopy(base), VisualPromptConfig(num_virtual_tokens=2))(pixel_values=x).logits
+    torch.manual_seed(0)
+    with_head = get_peft_model(copy.deepcopy(base), VisualPromptConfig(num_virtual_tokens=2, head_rank=2))
+    torch.manual_seed(0)
+    plain = get_peft_model(copy.deepcopy(base), VisualPromptConfig(num_virtual_tokens=2))
+    with_head.eval(), plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(with_head(pixel_values=x).logits, plain(pixel_values=x).logits)
+    del without
+    # A few training steps: prompts and updates move, the base does not.
+    model = get_peft_model(base, VisualPromptConfig(num_virtual_tokens=2, head_rank=2))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(3):
+        loss = model(pixel_values=x).logits.square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    ups = [p for n, p in model.named_parameters() if "vpt_up" in n]
+    assert ups and all(p.abs().sum() > 0 for p in ups)
+    unloaded = model.unload()
+    assert not any(hasattr(m, "head_update") for m in unloaded.modules())
+    assert all(torch.equal(original[k], v) for k, v in unloaded.state_dict().items())
+
+
+def test_round_trip_and_mixed_batch_equal_per_sample(tmp_path):
+    base = tiny_base()
+    for center, seed in (("A", 3), ("B", 4)):
+        model = get_peft_model(copy.deepcopy(base), VisualPromptConfig(num_virtual_tokens=2, head_rank=2,
+                                                                       modules_to_save=CLASSIFIER))  # fmt: skip
+        perturb(model, seed=seed).save_pretrained(tmp_path / center)
+    assert any("head_update.vpt_down" in k for k in load_file(tmp_path / "A" / "adapter_model.safetensors"))
+    model = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "A"), adapter_name="A")
+    model.load_adapter(str(tmp_path / "B"), adapter_name="B")
+    model.eval()
+    x = pixels(batch=3)
+    names = ["B", peft_medseg.BASE_ADAPTER_NAME, "A"]
+    with torch.no_grad():
+        mixed = model(pixel_values=x, adapter_names=names).logits
+        for row, name in enumerate(names):
+            if name == peft_medseg.BASE_ADAPTER_NAME:
+                alone = base(pixel_values=x[row : row + 1]).logits
+            else:
+                model.set_adapter(name)
+                alone = model(pixel_values=x[row : row + 1]).logits
+            torch.testing.assert_close(mixed[row : row + 1], alone, atol=1e-5, rtol=1e-5)
+    # An adapter file that lost a head tensor is refused, and the base is left as it was.
+    weights = load_file(tmp_path / "A" / "adapter_model.safetensors")
+    save_file({k: v for k, v in weights.items() if "fpn_bottleneck.conv.head_update.vpt_up" not in k},
+              tmp_path / "A" / "adapter_model.safetensors")  # fmt: skip
+    fresh = tiny_base()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(ValueError, match="missing"):
+        PeftModel.from_pretrained(fresh, str(tmp_path / "A"))
+    assert not any(hasattr(m, "head_update") for m in fresh.modules())
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"head_rank": -1}, "head_rank must be an int"),
+        ({"head_rank": 2, "head_modules": ["decode_head\\.nothing"]}, "matches no Conv2d"),
+        ({"head_rank": 2, "head_modules": ["decode_head\\.classifier"], "modules_to_save": CLASSIFIER}, "not both"),
+        ({"head_rank": 2, "head_modules": ["("]}, "not a regular expression"),
+    ],
+)
+def test_bad_head_config_is_refused_before_the_model_changes(fields, message):
+    base = tiny_base()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        get_peft_model(base, VisualPromptConfig(num_virtual_tokens=2, **fields))
+    assert not any(hasattr(m, "head_update") or hasattr(m, "visual_prompt") for m in base.modules())
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
