@@ -86,6 +86,15 @@ def test_prepare_model_trains_exactly_the_method_parameters(method):
     if method == "vpt-deep-norms":
         assert all("vpt_prompt" in n or ".modules_to_save." in n for n in names)
         assert any("batch_norm.modules_to_save" in n for n in names)
+    elif method == "vpt-deep-head":
+        assert all("vpt_prompt" in n or ".modules_to_save." in n or ".head_update.vpt_" in n for n in names)
+        assert any("batch_norm.modules_to_save" in n for n in names)
+        assert any("backbone.layernorm.modules_to_save" in n for n in names)
+        assert {n.split(".head_update.")[0] for n in names if ".head_update." in n} == {
+            n for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Conv2d) and ".decode_head." in n and "classifier" not in n and "vpt_" not in n
+            and "modules_to_save" not in n and "original_module" not in n
+        }  # fmt: skip
     elif method.startswith("vpt"):
         assert all("vpt_prompt" in n or "classifier.modules_to_save" in n for n in names)
         assert any("vpt_prompt" in n for n in names) and any("classifier" in n for n in names)

@@ -44,7 +44,17 @@ from ..training import (
 from ..visual_prompt import BASE_ADAPTER_NAME
 from .profiling import measure_in_fresh_process, training_step_probe
 
-PAPER_METHODS = ("direct", "classifier", "decoder", "full", "vpt-shallow", "vpt-deep", "vpt-deep-norms", "lora")
+PAPER_METHODS = (
+    "direct",
+    "classifier",
+    "decoder",
+    "full",
+    "vpt-shallow",
+    "vpt-deep",
+    "vpt-deep-norms",
+    "vpt-deep-head",
+    "lora",
+)
 
 
 @dataclass

@@ -6,6 +6,7 @@
 | `vpt-shallow` | prompts before the first block + the last classifier        | peft adapter (KBs)          |
 | `vpt-kv`      | key/value prompts in every attention layer (SegFormer, Swin) + the last classifier | peft adapter (KBs) |
 | `vpt-deep-norms` | `vpt-deep` + the decode head's BatchNorm layers (per-center statistics) | peft adapter (KBs) |
+| `vpt-deep-head` | `vpt-deep-norms` + a rank-2 1x1 update of every head conv + the encoder's output norm | peft adapter (KBs) |
 | `lora`        | LoRA on the encoder attention projections + the classifier  | peft adapter                |
 | `decoder`     | the whole decode head (partial fine-tuning, as in the paper) | full model                  |
 | `classifier`  | the last 1x1 classifier conv only (the paper's partial baseline) | full model              |
@@ -19,6 +20,11 @@ of the adaptation that matters is in the head. Pass `train_classifier=False` for
 running statistics, about 0.2% of a tiny model): the head's feature statistics are what a new scanner shifts most, and
 re-estimating them closed most of the gap to full fine-tuning on both the embedded data and the real breast
 ultrasound centers (README, "What we measured"). Mixed-center batches route these copies per sample too.
+
+`vpt-deep-head` adds, in the same adapter, a low-rank (rank `HEAD_RANK`) 1x1 update of every decode-head convolution
+(`VisualPromptConfig.head_rank`) and a per-center copy of the encoder's output LayerNorm (the per-channel scale and
+shift of every feature map the head reads). On real center pairs much of what full fine-tuning changes sits in the
+head, more than its norms can express (README, "What we measured").
 """
 
 from __future__ import annotations
@@ -31,9 +37,21 @@ from ..visual_prompt import VisualPromptConfig, keep_frozen_norms_in_eval
 
 # The method of `finetune_center.py`, `make demo` and the model card unless one is chosen (README, "What we measured").
 DEFAULT_METHOD = "vpt-deep-norms"
-METHODS = ("vpt-deep", "vpt-shallow", "vpt-deep-norms", "vpt-kv", "lora", "decoder", "classifier", "full")
-PEFT_METHODS = ("vpt-deep", "vpt-shallow", "vpt-deep-norms", "vpt-kv", "lora")
-VPT_METHODS = ("vpt-deep", "vpt-shallow", "vpt-deep-norms", "vpt-kv")
+METHODS = (
+    "vpt-deep",
+    "vpt-shallow",
+    "vpt-deep-norms",
+    "vpt-deep-head",
+    "vpt-kv",
+    "lora",
+    "decoder",
+    "classifier",
+    "full",
+)
+PEFT_METHODS = ("vpt-deep", "vpt-shallow", "vpt-deep-norms", "vpt-deep-head", "vpt-kv", "lora")
+VPT_METHODS = ("vpt-deep", "vpt-shallow", "vpt-deep-norms", "vpt-deep-head", "vpt-kv")
+# Rank of `vpt-deep-head`'s update of the head convolutions (VisualPromptConfig.head_rank).
+HEAD_RANK = 2
 
 # Per-method AdamW learning rates. Prompts start from random tokens and move a tiny fraction of the network, so they
 # need a learning rate two to three orders of magnitude above full fine-tuning (VPT paper: 0.01 to 1 with SGD); LoRA
@@ -42,6 +60,7 @@ DEFAULT_LEARNING_RATES: dict[str, float] = {
     "vpt-deep": 3e-2,
     "vpt-shallow": 3e-2,
     "vpt-deep-norms": 3e-2,
+    "vpt-deep-head": 3e-2,
     "vpt-kv": 3e-2,
     "lora": 1e-3,
     "decoder": 1e-3,
@@ -52,6 +71,8 @@ DEFAULT_LEARNING_RATES: dict[str, float] = {
 # The last classifier of an UperNet head: a leaf Conv2d, so mixed-center batches can route it per sample.
 CLASSIFIER_MODULE = "decode_head.classifier"
 DECODER_MODULE = "decode_head"
+# The LayerNorm a DINOv2 backbone applies to every feature map it hands to the head (`apply_layernorm`).
+FEATURE_NORM_MODULE = "backbone.layernorm"
 # The attention projections of DINOv2 (`backbone.encoder.layer.N.attention.*`) and SegFormer
 # (`segformer.stages.S.blocks.N.attention.*`) in transformers 5.
 LORA_TARGET_MODULES = r".*\.attention\.(q_proj|k_proj|v_proj|o_proj)"
@@ -94,13 +115,16 @@ def prepare_model(
     if method in VPT_METHODS:
         from peft import get_peft_model
 
-        if method == "vpt-deep-norms":
+        if method in ("vpt-deep-norms", "vpt-deep-head"):
             head = (head or []) + head_norm_modules(base)
+        if method == "vpt-deep-head":
+            head += [name for name, _ in base.named_modules() if name == FEATURE_NORM_MODULE]
         config = VisualPromptConfig(
             num_virtual_tokens=num_virtual_tokens,
             deep=method != "vpt-shallow",
             prompt_mode="key_value" if method == "vpt-kv" else "tokens",
             prompt_dropout=prompt_dropout,
+            head_rank=HEAD_RANK if method == "vpt-deep-head" else 0,
             modules_to_save=head,
         )
         return get_peft_model(base, config)
