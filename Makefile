@@ -25,29 +25,31 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# The demo: embedded synthetic MRI, a tiny base pretrained on 4 centers, deep VPT + per-center head norms for the held-out 5th, the matrix.
+# The demo: embedded synthetic MRI, a tiny base pretrained on 4 centers, the default adapter (DEFAULT_METHOD) for the held-out 5th,
+# the center x center matrix, routing by center signatures, and masks for test scans routed automatically.
 DEMO := outputs/demo
 DEMO_CENTERS := t1w_3t t1w_1p5t t1w_3t_lowres pdw_1p5t
 DEMO_NEW := flair_1p5t
+DEMO_ADAPTER := $(DEMO)/center-$(DEMO_NEW)
 
 demo: $(VENV)/.installed
 	$(PY) recipes/pretrain_base.py --base tiny --centers $(DEMO_CENTERS) --image_size 64 --num_epochs 60 \
 		--learning_rate 2e-3 --output_dir $(DEMO)/base
-	$(PY) recipes/finetune_center.py --base_model $(DEMO)/base --method vpt-deep-norms --new_center $(DEMO_NEW) \
-		--num_train_cases 8 --num_epochs 30 --eval_centers $(DEMO_CENTERS) $(DEMO_NEW) --output_dir $(DEMO)/vpt-deep-norms-$(DEMO_NEW)
-	$(PY) recipes/evaluate_centers.py --base_model $(DEMO)/base --models $(DEMO)/vpt-deep-norms-$(DEMO_NEW) \
+	$(PY) recipes/finetune_center.py --base_model $(DEMO)/base --new_center $(DEMO_NEW) \
+		--num_train_cases 8 --num_epochs 30 --eval_centers $(DEMO_CENTERS) $(DEMO_NEW) --output_dir $(DEMO_ADAPTER)
+	$(PY) recipes/evaluate_centers.py --base_model $(DEMO)/base --models $(DEMO_ADAPTER) \
 		--centers $(DEMO_CENTERS) $(DEMO_NEW) --output_dir $(DEMO)/eval
-	$(PY) recipes/evaluate_routing.py --base_model $(DEMO)/base --adapters $(DEMO)/vpt-deep-norms-$(DEMO_NEW) \
+	$(PY) recipes/evaluate_routing.py --base_model $(DEMO)/base --adapters $(DEMO_ADAPTER) \
 		--signature_centers $(DEMO_CENTERS) --output_dir $(DEMO)/routing
 	# Masks for test scans of the new and an old center, each routed by its signature (old center -> the base).
 	SCANS=$$($(PY) -c "from peft_medseg.data.synthetic import synthetic_cache_dir as d; print(d())") && \
-	$(PY) recipes/predict.py --base_model $(DEMO)/base --adapters $(DEMO)/vpt-deep-norms-$(DEMO_NEW) --route auto \
+	$(PY) recipes/predict.py --base_model $(DEMO)/base --adapters $(DEMO_ADAPTER) --route auto \
 		--overwrite --output_dir $(DEMO)/predictions "$$SCANS/$(DEMO_NEW)/images/sub02?_slice1.png" \
 		"$$SCANS/t1w_3t/images/sub02?_slice2.png"
 
 # The interactive app (Gradio) on the demo's base and adapter: http://127.0.0.1:7860
 app: $(VENV)/.installed
-	$(PY) recipes/app.py --base_model $(DEMO)/base --adapters $(DEMO)/vpt-deep-norms-$(DEMO_NEW)
+	$(PY) recipes/app.py --base_model $(DEMO)/base --adapters $(DEMO_ADAPTER)
 
 # Overhead ratios and cost curves (latency, FLOPs, training memory, mixed batches), ViT-S sized, 224 px; PNGs in outputs/bench/; see README "Speed and memory".
 bench: $(VENV)/.installed

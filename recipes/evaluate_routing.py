@@ -1,7 +1,7 @@
 r"""Measure routing by center signatures: accuracy per center, unknown-center rejection, and Dice under routing.
 
     # The demo's adapter (with its signature) + signatures of the old centers, on the embedded data:
-    python recipes/evaluate_routing.py --base_model outputs/demo/base --adapters outputs/demo/vpt-deep-norms-flair_1p5t \
+    python recipes/evaluate_routing.py --base_model outputs/demo/base --adapters outputs/demo/center-flair_1p5t \
         --signature_centers t1w_3t t1w_1p5t t1w_3t_lowres pdw_1p5t --output_dir outputs/demo/routing
 
     # Signatures only (no adapters needed), real data: two institutions, five scanners:

@@ -99,4 +99,4 @@ def test_share_of_full_gain_per_split_and_across_splits(tmp_path):
     assert math.isnan(share_of_gain(0.6, 0.5, 0.5))  # full fine-tuning gained nothing: no share to report
     text = summarize(rows, tmp_path)
     assert "| vpt | 10 (1.00%) | 40 B | 0.670 ± 0.014 | 85% |" in text
-    assert "| vpt | 1.00% | 2 | 0.560 | 55% | Y (25%) |" in text
+    assert "| vpt | 1.00% | 2 | — | 0.560 | 55% | Y (25%) |" in text  # no validation Dice recorded in these rows

@@ -198,6 +198,8 @@ def run_one(cfg, base_dir: Path, data, test, new_center: str, method: str, seed:
             "seconds_per_epoch": outcome.result.train_seconds / epochs_run,
             "train_cases_used": outcome.num_train_cases,
             "best_epoch": outcome.result.best_epoch,
+            # What a method and its learning rate are chosen by (the test Dice is only reported).
+            "validation_dice": outcome.result.best_validation_dice,
             "learning_rate": lr,
         }
     row |= {

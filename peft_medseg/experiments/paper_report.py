@@ -59,8 +59,10 @@ def share_of_gain(method_dice: float, direct_dice: float, full_dice: float) -> f
 def across_splits(csv_rows: list[dict]) -> str:
     """Markdown: per method, the share of full fine-tuning's gain over the held-out splits (mean and worst split)."""
     lines = ["### Across splits: share of full fine-tuning's gain on the new center\n"]
-    lines.append("| method | trainable | splits | mean new-center Dice | mean share | worst split (share) |")
-    lines.append("|---|---|---|---|---|---|")
+    lines.append(
+        "| method | trainable | splits | mean validation Dice | mean new-center Dice | mean share | worst split (share) |"
+    )
+    lines.append("|---|---|---|---|---|---|---|")
     for method in dict.fromkeys(r["method"] for r in csv_rows):
         runs = [r for r in csv_rows if r["method"] == method]
         shares = [(r["share_of_full_gain"], r["held_out"]) for r in runs if not math.isnan(r["share_of_full_gain"])]
@@ -68,6 +70,7 @@ def across_splits(csv_rows: list[dict]) -> str:
         worst = min(shares) if shares else (math.nan, "—")
         lines.append(
             f"| {method} | {runs[0]['trainable_percent']:.2f}% | {len(runs)} | "
+            f"{_fmt(_stats([r['validation_dice_mean'] for r in runs])[0])} | "
             f"{_fmt(statistics.fmean(r['new_dice_mean'] for r in runs))} | {_percent(mean_share)} | "
             f"{worst[1]} ({_percent(worst[0])}) |"
         )
@@ -127,6 +130,7 @@ def summarize(rows: list[dict], output_dir: str | Path) -> str:
                     "new_dice_mean": new[0],
                     "new_dice_std": new[1],
                     "share_of_full_gain": share,
+                    "validation_dice_mean": _stats([r.get("validation_dice") for r in runs])[0],
                     "new_hd95_mean": hd95[0],
                     "old_dice_paper": old[0],
                     "old_dice_routed": routed[0],
