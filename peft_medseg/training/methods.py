@@ -6,7 +6,7 @@
 | `vpt-shallow` | prompts before the first block + the last classifier        | peft adapter (KBs)          |
 | `vpt-kv`      | key/value prompts in every attention layer (SegFormer, Swin) + the last classifier | peft adapter (KBs) |
 | `vpt-deep-norms` | `vpt-deep` + the decode head's BatchNorm layers (per-center statistics) | peft adapter (KBs) |
-| `vpt-deep-head` | `vpt-deep-norms` + a rank-2 1x1 update of every head conv + the encoder's output norm | peft adapter (KBs) |
+| `vpt-deep-head` | `vpt-deep-norms` + a per-center rank-2 1x1 update of every decode-head conv | peft adapter (KBs) |
 | `lora`        | LoRA on the encoder attention projections + the classifier  | peft adapter                |
 | `decoder`     | the whole decode head (partial fine-tuning, as in the paper) | full model                  |
 | `classifier`  | the last 1x1 classifier conv only (the paper's partial baseline) | full model              |
@@ -22,9 +22,8 @@ re-estimating them closed most of the gap to full fine-tuning on both the embedd
 ultrasound centers (README, "What we measured"). Mixed-center batches route these copies per sample too.
 
 `vpt-deep-head` adds, in the same adapter, a low-rank (rank `HEAD_RANK`) 1x1 update of every decode-head convolution
-(`VisualPromptConfig.head_rank`) and a per-center copy of the encoder's output LayerNorm (the per-channel scale and
-shift of every feature map the head reads). On real center pairs much of what full fine-tuning changes sits in the
-head, more than its norms can express (README, "What we measured").
+(`VisualPromptConfig.head_rank`). On real center pairs much of what full fine-tuning changes sits in the head, more
+than its norms can express (README, "What we measured").
 """
 
 from __future__ import annotations
@@ -71,8 +70,6 @@ DEFAULT_LEARNING_RATES: dict[str, float] = {
 # The last classifier of an UperNet head: a leaf Conv2d, so mixed-center batches can route it per sample.
 CLASSIFIER_MODULE = "decode_head.classifier"
 DECODER_MODULE = "decode_head"
-# The LayerNorm a DINOv2 backbone applies to every feature map it hands to the head (`apply_layernorm`).
-FEATURE_NORM_MODULE = "backbone.layernorm"
 # The attention projections of DINOv2 (`backbone.encoder.layer.N.attention.*`) and SegFormer
 # (`segformer.stages.S.blocks.N.attention.*`) in transformers 5.
 LORA_TARGET_MODULES = r".*\.attention\.(q_proj|k_proj|v_proj|o_proj)"
@@ -117,8 +114,6 @@ def prepare_model(
 
         if method in ("vpt-deep-norms", "vpt-deep-head"):
             head = (head or []) + head_norm_modules(base)
-        if method == "vpt-deep-head":
-            head += [name for name, _ in base.named_modules() if name == FEATURE_NORM_MODULE]
         config = VisualPromptConfig(
             num_virtual_tokens=num_virtual_tokens,
             deep=method != "vpt-shallow",
