@@ -104,6 +104,8 @@ def test_round_trip_and_mixed_batch_equal_per_sample(tmp_path):
     model = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "A"), adapter_name="A")
     model.load_adapter(str(tmp_path / "B"), adapter_name="B")
     model.eval()
+    # The second adapter updates the base's convs, not the first adapter's update layers.
+    assert not [n for n, _ in model.named_modules() if n.count("head_update") > 1]
     x = pixels(batch=3)
     names = ["B", peft_medseg.BASE_ADAPTER_NAME, "A"]
     with torch.no_grad():

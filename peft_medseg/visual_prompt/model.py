@@ -281,7 +281,13 @@ class VisualPromptModel(BaseTuner):
 def head_update_targets(model: nn.Module, config: VisualPromptConfig) -> list[str]:
     """Names of the `Conv2d` modules that get a head update (`config.head_rank > 0`), checked before injection."""
     saved = tuple(config.modules_to_save or ())
-    names = [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
+    # The base's own convs: not the updates of adapters loaded before, nor peft's copies of modules_to_save.
+    names = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Conv2d)
+        and not any(part in name.split(".") for part in ("head_update", "modules_to_save", "original_module"))
+    ]
     if config.head_modules is None:
         chosen = [
             n
