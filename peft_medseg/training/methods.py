@@ -35,7 +35,7 @@ from transformers import PreTrainedModel
 from ..visual_prompt import VisualPromptConfig, keep_frozen_norms_in_eval
 
 # The method of `finetune_center.py`, `make demo` and the model card unless one is chosen (README, "What we measured").
-DEFAULT_METHOD = "vpt-deep-norms"
+DEFAULT_METHOD = "vpt-deep-head"
 METHODS = (
     "vpt-deep",
     "vpt-shallow",
