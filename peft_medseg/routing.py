@@ -16,6 +16,7 @@ directly: routing and prediction are one pass.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -80,8 +81,11 @@ def base_features(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
+@functools.cache
 def routing_projection(num_features: int) -> torch.Tensor:
-    """(num_features, min(num_features, ROUTING_DIM)) fixed orthonormal projection, the same on every machine."""
+    """(num_features, min(num_features, ROUTING_DIM)) fixed orthonormal projection, the same on every machine.
+
+    Cached: every distance of every signature uses it (treat the returned tensor as read-only)."""
     if num_features <= ROUTING_DIM:
         return torch.eye(num_features, dtype=torch.float64)
     generator = torch.Generator().manual_seed(num_features)
@@ -122,7 +126,10 @@ class CenterSignature:
 
     def check_base(self, model: nn.Module, source: str | Path | None = None) -> None:
         """Raise a ValueError (naming `source`) unless `model` is the base this signature was made with."""
-        probe = base_features(model, probe_pixel_values(self.image_size).to(_device(model)))
+        self.check_probe(base_features(model, probe_pixel_values(self.image_size).to(_device(model))), source)
+
+    def check_probe(self, probe: torch.Tensor, source: str | Path | None = None) -> None:
+        """`check_base` given the base's features of `probe_pixel_values(self.image_size)`."""
         where = f"{source}: " if source is not None else ""
         if probe.shape != self.probe_features.shape or not torch.allclose(
             probe.cpu(), self.probe_features.double(), rtol=PROBE_TOLERANCE, atol=PROBE_TOLERANCE
@@ -306,8 +313,11 @@ class CenterRouter:
 
     def check_base(self, model: nn.Module) -> None:
         """Raise a ValueError unless every signature was made with `model`'s base."""
+        # One probe pass for all: the signatures share one input size (checked in __init__).
+        image_size = next(iter(self.signatures.values())).image_size
+        probe = base_features(model, probe_pixel_values(image_size).to(_device(model)))
         for name, signature in self.signatures.items():
-            signature.check_base(model, source=f"signature of adapter {name!r}")
+            signature.check_probe(probe, source=f"signature of adapter {name!r}")
 
     @torch.no_grad()
     def route(self, model: nn.Module, pixel_values: torch.Tensor) -> Routes:

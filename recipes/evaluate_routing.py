@@ -22,7 +22,7 @@ from pathlib import Path
 
 from peft_medseg.data import load_multicenter_dataset, select_centers
 from peft_medseg.experiments.routing_eval import evaluate_routing, write_routing_report
-from peft_medseg.prediction import expand_adapters
+from peft_medseg.prediction import expand_adapters, load_adapters
 from peft_medseg.routing import CenterRouter, CenterSignature, signature_path
 from peft_medseg.storage import claim_output_dir, load_base
 from peft_medseg.training import center_signature, eval_transform
@@ -57,13 +57,14 @@ def main(argv: list[str] | None = None) -> None:
     base, processor = load_base(args.base_model)
     data, _ = load_multicenter_dataset(data_args.dataset, num_labels=base.config.num_labels)
     # Each adapter is named by the center its signature was made on, so that test rows know their oracle adapter.
-    adapters = {}
+    adapters, signatures = {}, {}
     for location in expand_adapters(args.adapters).values():
-        center = CenterSignature.load(signature_path(location)).center
-        if center in adapters:
-            raise ValueError(f"{location}: a second adapter for center {center!r} (also {adapters[center]}).")
-        adapters[center] = location
-    signatures = CenterRouter.from_adapters(list(adapters.values())).signatures if adapters else {}
+        signature = CenterSignature.load(signature_path(location))
+        if signature.center in adapters:
+            raise ValueError(
+                f"{location}: a second adapter for center {signature.center!r} (also {adapters[signature.center]})."
+            )
+        adapters[signature.center], signatures[signature.center] = location, signature
     if signatures:
         CenterRouter(signatures).check_base(base)
     test = data["test"] if args.test_centers is None else select_centers(data["test"], args.test_centers)
@@ -76,14 +77,7 @@ def main(argv: list[str] | None = None) -> None:
                 signatures[center] = center_signature(
                     base, processor, data, center, data_args.validation_fraction, args.false_rejection_rate
                 )
-        model = base
-        if adapters:
-            from peft import PeftModel
-
-            names = list(adapters)
-            model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
-            for name in names[1:]:
-                model.load_adapter(adapters[name], adapter_name=name)
+        model = load_adapters(base, adapters)
         test.set_transform(eval_transform(processor))
         # Signature centers without an adapter are the base's own: recognised, and served by the base.
         summary = evaluate_routing(

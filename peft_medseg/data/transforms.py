@@ -74,8 +74,9 @@ def processor_target_size(image_processor) -> tuple[int, int]:
     raise ValueError(f"image processor size {size!r}: expected {{'height', 'width'}} or {{'shortest_edge'}}.")
 
 
-def _to_array(image) -> np.ndarray:
-    # PIL images of any mode and numpy arrays (H, W), (H, W, C) become numpy, keeping the dtype.
+def image_to_array(image) -> np.ndarray:
+    """PIL images of any mode (palette, alpha, CMYK, ... as RGB; 1-bit as L) and (H, W[, C]) arrays as numpy,
+    keeping the dtype."""
     if isinstance(image, Image.Image):
         if image.mode in ("RGBA", "LA", "P", "CMYK", "YCbCr", "1"):
             image = image.convert("RGB" if image.mode != "1" else "L")
@@ -92,7 +93,7 @@ class ToChannelFirstd(MapTransform):
 
     def __call__(self, data: dict) -> dict:
         data = dict(data)
-        image, label = _to_array(data["image"]), _to_array(data["label"])
+        image, label = image_to_array(data["image"]), image_to_array(data["label"])
         if image.ndim == 2:
             image = image[..., None]
         if image.ndim != 3 or image.shape[2] not in (1, 3, 4):

@@ -9,7 +9,7 @@ own size: logits are resized to it before the argmax.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,7 +99,7 @@ class Predictor:
         base, self.processor = load_base(base_model)
         if self.router is not None:
             self.router.check_base(base)  # against the bare base, before any adapter is injected
-        self.model = _load_adapters(base, self.adapters).to(device).eval()
+        self.model = load_adapters(base, self.adapters).to(device).eval()
         self.device = torch.device(device)
         self.num_labels = int(base.config.num_labels)
         self.id2label = {int(k): str(v) for k, v in (base.config.id2label or {}).items()}
@@ -188,15 +188,15 @@ class Predictor:
             masks.append(row[0].argmax(dim=0).to(torch.uint8).cpu().numpy())
         return masks
 
-    def iter_batches(self, scans: Sequence, scans_per_pass: int | None = None) -> Iterator[list]:
-        """`scans` in groups small enough for one pass (about `batch_size` images each)."""
-        size = scans_per_pass or self.batch_size
-        for start in range(0, len(scans), size):
-            yield list(scans[start : start + size])
+    def iter_batches(self, scans: Sequence) -> Iterator[list]:
+        """`scans` in groups of `batch_size`, one `predict` call each."""
+        for start in range(0, len(scans), self.batch_size):
+            yield list(scans[start : start + self.batch_size])
 
 
-def _load_adapters(base: nn.Module, adapters: dict[str, str]) -> nn.Module:
-    """The base with every adapter loaded under its name (each checked against the base as peft loads it)."""
+def load_adapters(base: nn.Module, adapters: Mapping[str, str | Path]) -> nn.Module:
+    """The base with every adapter (`{name: folder or Hub id}`) loaded under its name, each checked against the
+    base as peft loads it; the base itself when there are none."""
     if not adapters:
         return base
     from peft import PeftModel
@@ -205,9 +205,9 @@ def _load_adapters(base: nn.Module, adapters: dict[str, str]) -> nn.Module:
     for name, location in adapters.items():
         try:
             if model is None:
-                model = PeftModel.from_pretrained(base, location, adapter_name=name)
+                model = PeftModel.from_pretrained(base, str(location), adapter_name=name)
             else:
-                model.load_adapter(location, adapter_name=name)
+                model.load_adapter(str(location), adapter_name=name)
         except (ValueError, RuntimeError, OSError) as error:
             raise ValueError(f"{location}: cannot load this adapter onto the base ({error}).") from error
     return model

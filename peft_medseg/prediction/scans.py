@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..data.transforms import image_to_array
 from ..data.validation import DataValidationError
 from ..storage import check_safe_name
 
@@ -172,12 +173,7 @@ def read_scan(scan: ScanInput) -> Scan:
 
 def _read_image(scan: ScanInput) -> Scan:
     with Image.open(scan.paths[0]) as image:
-        image.load()
-        if image.mode in ("RGBA", "LA", "P", "CMYK", "YCbCr"):
-            image = image.convert("RGB")
-        elif image.mode == "1":
-            image = image.convert("L")
-        array = np.array(image)
+        array = image_to_array(image)  # the modes the model's transform reads, converted as it converts them
     if array.ndim not in (2, 3):
         raise DataValidationError(f"{scan.source}: image of shape {array.shape}; expected (H, W) or (H, W, C).")
     return Scan(scan, array)

@@ -204,10 +204,8 @@ class VisualPromptModel(BaseTuner):
         expected = {
             name: param.shape
             for name, param in model.named_parameters()
-            if ".visual_prompt.vpt_prompt." in name
-            and name.endswith(f".{adapter_name}")
-            or ".head_update.vpt_" in name
-            and f".{adapter_name}." in name
+            if (".visual_prompt.vpt_prompt." in name and name.endswith(f".{adapter_name}"))
+            or (".head_update.vpt_" in name and f".{adapter_name}." in name)
         }
         missing = sorted(name for name in expected if name not in remapped)
         # Every tensor, prompts and modules_to_save copies alike (a classifier saved for another num_labels).
