@@ -21,6 +21,7 @@ import numpy as np
 from datasets import Dataset
 from torch import nn
 
+from .models3d import is_volume_model
 from .scoring import absent_classes_note, evaluate_segmentation, json_scores
 from .storage import EVALUATION_FILENAME, is_adapter_folder, load_base
 from .visual_prompt import BASE_ADAPTER_NAME, PEFT_TYPE_NAME, read_adapter_config
@@ -47,6 +48,8 @@ class CenterMatrix:
     rows: list[MatrixRow]
     # Routed protocol: center -> adapter name in the returned multi-adapter model; other centers use the base.
     routes: dict[str, str] = field(default_factory=dict)
+    # The unit of HD95: pixels of the model input for images, millimetres for volumes.
+    hd95_unit: str = "pixels"
 
     def row(self, name: str) -> MatrixRow:
         return next(row for row in self.rows if row.name == name)
@@ -76,7 +79,7 @@ class CenterMatrix:
             forgetting = "" if row.name == BASE_ROW else f"{self.forgetting(row):+.3f}"
             lines.append(f"| {row.name} | {row.method} | " + " | ".join(cells) + f" | {forgetting} |")
         notes = {absent_classes_note(row.scores) for row in self.rows} - {""}
-        footer = "\n\nCells: mean foreground Dice / HD95 (pixels); bold: the model's own center.\n"
+        footer = f"\n\nCells: mean foreground Dice / HD95 ({self.hd95_unit}); bold: the model's own center.\n"
         return "\n".join(lines) + footer + "".join(f"\n{note}\n" for note in sorted(notes))
 
     def write_csv(self, path: str | Path) -> None:
@@ -187,7 +190,8 @@ def center_matrix(
         )
         method = "routed: " + ", ".join(f"{c}→{n}" for c, n in sorted(route.items())) + "; others→base"
         rows.append(MatrixRow(ROUTED_ROW, method, tuple(sorted(route)), scores))
-    return CenterMatrix(centers, rows, route), prompted
+    unit = "mm" if is_volume_model(base) else "pixels"
+    return CenterMatrix(centers, rows, route, hd95_unit=unit), prompted
 
 
 __all__ = [

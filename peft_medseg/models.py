@@ -1,7 +1,9 @@
-"""Base segmentation models: named offline configs (`tiny`, `small`) and Hub backbones under an UperNet head."""
+"""Base segmentation models: named offline configs (`tiny`, `small`) and Hub backbones under an UperNet head; the 3D
+named configs (`unetr-tiny`, `swin-unetr-tiny`, ...) are MONAI's networks from `peft_medseg.models3d`."""
 
 from __future__ import annotations
 
+from torch import nn
 from transformers import (
     MODEL_FOR_BACKBONE_MAPPING,
     AutoConfig,
@@ -12,6 +14,9 @@ from transformers import (
     UperNetConfig,
     UperNetForSemanticSegmentation,
 )
+
+from .data.volumes import VolumePreprocessing
+from .models3d import DEFAULT_IN_CHANNELS, NAMED_VOLUME_CONFIGS, build_volume_model, volume_num_labels, volume_roi_size
 
 # Named configs build a DINOv2-style encoder under an UperNet head from scratch, offline. `small` is ViT-S sized.
 NAMED_CONFIGS: dict[str, dict] = {
@@ -84,14 +89,21 @@ SEGFORMER_TINY = dict(hidden_sizes=[32, 64, 160, 256], depths=[1, 1, 1, 1], deco
 
 
 def build_segmentation_model(
-    base: str | dict, num_labels: int, image_size: int = 224, id2label: dict[int, str] | None = None
-) -> UperNetForSemanticSegmentation:
+    base: str | dict,
+    num_labels: int,
+    image_size: int = 224,
+    id2label: dict[int, str] | None = None,
+    in_channels: int = DEFAULT_IN_CHANNELS,
+) -> nn.Module:
     """A segmentation model to pretrain: a named offline config (`tiny`, `small`, `segformer-tiny`), a spec of the
-    same keys as `NAMED_CONFIGS` values (DINOv2 widths under an UperNet head, e.g. ViT-B), or a Hub backbone id.
+    same keys as `NAMED_CONFIGS` values (DINOv2 widths under an UperNet head, e.g. ViT-B), a Hub backbone id, or a 3D
+    named config (`NAMED_VOLUME_CONFIGS`: MONAI's UNETR / Swin UNETR with `in_channels` input channels).
 
     A Hub id (for example `facebook/dinov2-small`) loads that pretrained backbone under a freshly initialised
     UperNet head.
     """
+    if isinstance(base, str) and base in NAMED_VOLUME_CONFIGS:
+        return build_volume_model(base, num_labels, in_channels)
     if isinstance(base, dict) or base in NAMED_CONFIGS:
         return UperNetForSemanticSegmentation(named_config(base, num_labels, image_size, id2label))
     if base == "segformer-tiny":
@@ -125,10 +137,18 @@ def build_segmentation_model(
 SCRATCH_MEAN, SCRATCH_STD = 0.5, 0.25
 
 
-def image_processor_for(base: str | dict, image_size: int):
+def image_processor_for(
+    base: str | dict, image_size: int, num_channels: int = DEFAULT_IN_CHANNELS, id2label: dict | None = None
+):
     """The image processor for a base to pretrain: a pretrained backbone (Hub id or folder) keeps its own image
     statistics (`image_mean`/`image_std` of its image processor), which it was trained with; named configs are
-    trained from scratch with `SCRATCH_MEAN`/`SCRATCH_STD`. The size is `image_size` either way."""
+    trained from scratch with `SCRATCH_MEAN`/`SCRATCH_STD`. The size is `image_size` either way.
+
+    A 3D named config gets its `VolumePreprocessing` instead: patches of the model's size (`num_channels` input
+    channels), volumes kept at their own voxel size."""
+    if isinstance(base, str) and base in NAMED_VOLUME_CONFIGS:
+        roi_size = volume_roi_size(build_volume_model(base, num_labels=2, in_channels=num_channels))
+        return VolumePreprocessing(roi_size=roi_size, num_channels=num_channels, id2label=id2label or {})
     if isinstance(base, dict) or base in NAMED_CONFIGS or base == "segformer-tiny":
         return build_image_processor(image_size)
     from transformers import AutoImageProcessor
@@ -147,3 +167,9 @@ def build_image_processor(
     return SegformerImageProcessorPil(
         size={"height": image_size, "width": image_size}, image_mean=mean, image_std=std, do_reduce_labels=False
     )
+
+
+def model_num_labels(model: nn.Module) -> int:
+    """The number of classes a segmentation model predicts: its config's `num_labels`, or a 3D model's outputs."""
+    config_labels = getattr(getattr(model, "config", None), "num_labels", None)
+    return int(config_labels) if config_labels is not None else volume_num_labels(model)

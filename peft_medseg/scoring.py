@@ -1,7 +1,9 @@
-"""Scoring a segmentation model per center: predictions, Dice and HD95 per image, per-center means.
+"""Scoring a segmentation model per center: predictions, Dice and HD95 per image or volume, per-center means.
 
-Cells hold the mean foreground Dice (per image, then averaged per center) and HD95 in pixels of the model input.
-Classes that occur in no reference and no prediction of a center are left out of its means and listed.
+Cells hold the mean foreground Dice (per image or volume, then averaged per center) and HD95: in pixels of the model
+input for images, in millimetres for volumes (their voxel spacing). Volumes are segmented whole by sliding-window
+inference over the model's patch size (MONAI, Gaussian blending). Classes that occur in no reference and no
+prediction of a center are left out of its means and listed.
 """
 
 from __future__ import annotations
@@ -13,18 +15,56 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 from datasets import Dataset
+from monai.inferers import sliding_window_inference
 from torch import nn
 from torch.utils.data import DataLoader
 
 from .data import collate_segmentation
+from .data.volumes import is_volume_batch
 from .metrics import dice_per_class, hd95
+from .models3d import is_volume_model, volume_num_labels, volume_roi_size
+
+
+def segmentation_logits(model: nn.Module, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
+    """The logits of a transformers segmentation model (`.logits` of its output) or a 3D model (its output)."""
+    output = model(pixel_values=pixel_values, **kwargs)
+    return output.logits if hasattr(output, "logits") else output
 
 
 @torch.no_grad()
-def predict(model: nn.Module, pixel_values: torch.Tensor, adapter_names: Sequence[str] | None = None) -> torch.Tensor:
-    """Predicted label maps (B, H, W) at the input size; `adapter_names` routes each row of a peft model."""
+def volume_logits(
+    model: nn.Module, volume: torch.Tensor, adapter_name: str | None = None, overlap: float = 0.25
+) -> torch.Tensor:
+    """Logits (num_labels, D, H, W) of a whole volume (C, D, H, W): MONAI's sliding-window inference over the model's
+    patch size (`volume_roi_size`), windows overlapping by `overlap` and blended with Gaussian weights."""
+    kwargs = {"adapter_names": [adapter_name]} if adapter_name is not None else {}
+    return sliding_window_inference(
+        volume[None],
+        roi_size=volume_roi_size(model),
+        sw_batch_size=1,
+        predictor=lambda window: segmentation_logits(model, window, **kwargs),
+        overlap=overlap,
+        mode="gaussian",
+    )[0]
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    pixel_values: torch.Tensor,
+    adapter_names: Sequence[str] | None = None,
+    overlap: float = 0.25,
+) -> torch.Tensor:
+    """Predicted label maps (B, H, W) or (B, D, H, W) at the input size; `adapter_names` routes each row of a peft
+    model. Volumes go through MONAI's sliding-window inference over the model's patch size (`volume_roi_size`),
+    windows overlapping by `overlap` and blended with Gaussian weights, one volume at a time."""
     kwargs = {"adapter_names": list(adapter_names)} if adapter_names is not None else {}
-    logits = model(pixel_values=pixel_values, **kwargs).logits
+    if is_volume_batch(pixel_values):
+        names = list(adapter_names) if adapter_names is not None else [None] * len(pixel_values)
+        return torch.stack(
+            [volume_logits(model, volume, name, overlap).argmax(dim=0) for volume, name in zip(pixel_values, names)]
+        )
+    logits = segmentation_logits(model, pixel_values, **kwargs)
     if logits.shape[-2:] != pixel_values.shape[-2:]:
         logits = torch.nn.functional.interpolate(logits, size=pixel_values.shape[-2:], mode="bilinear")
     return logits.argmax(dim=1)
@@ -42,7 +82,8 @@ def evaluate_segmentation(
 ) -> dict[str, dict[str, float | list[int]]]:
     """Per-center scores `{center: {"dice", "hd95", "absent_classes"}}` of `model` on a transformed dataset.
 
-    `dataset` rows have `pixel_values`, `labels` and `center` (a `set_transform`ed split). Each image scores the mean
+    `dataset` rows have `pixel_values`, `labels` and `center` (a `set_transform`ed split); volume rows also have
+    `spacing` (mm), in which their HD95 is measured, and are scored one whole volume at a time. Each image scores the mean
     Dice over the foreground classes of its center (a class absent from both prediction and reference of that image
     scores 1) and the mean HD95 over those where it is defined (NaN when none is); centers average their images.
     A class that appears in no reference and no prediction of a center is left out of that center's means, and
@@ -54,6 +95,8 @@ def evaluate_segmentation(
     holds a label id outside `0..num_labels-1` (other than `ignore_index`), naming the center and the row.
     """
     model_labels = getattr(getattr(model, "config", None), "num_labels", None)
+    if is_volume_model(model):
+        model_labels, batch_size = volume_num_labels(model), 1  # whole volumes differ in size: one at a time
     if model_labels is not None and model_labels != num_labels:
         raise ValueError(f"the model predicts {model_labels} classes, but the scores were asked for {num_labels}.")
     was_training = model.training
@@ -68,7 +111,10 @@ def evaluate_segmentation(
         predictions = predict(model, batch["pixel_values"].to(device), names).cpu().numpy()
         references = batch["labels"].numpy()
         ids = batch.get("id") or batch.get("case_id") or [str(row + i) for i in range(len(references))]
-        for prediction, reference, center, sample in zip(predictions, references, batch["center"], ids):
+        spacings = batch.get("spacing") or [None] * len(references)
+        for prediction, reference, center, sample, spacing in zip(
+            predictions, references, batch["center"], ids, spacings
+        ):
             values = np.unique(reference)
             bad = values[((values < 0) | (values >= num_labels)) & (values != ignore_index)]
             if bad.size:
@@ -81,7 +127,9 @@ def evaluate_segmentation(
             seen[values[(values >= 0) & (values < num_labels)]] = True
             dice_scores.append(dice_per_class(prediction, reference, num_labels, ignore_index))
             if compute_hd95:
-                hd95_scores.append(hd95(prediction, reference, num_labels, ignore_index=ignore_index))
+                # Volumes in mm; 2D images in pixels of the model input (a slice's spacing is the volume's, not theirs).
+                in_mm = spacing if prediction.ndim == 3 else None
+                hd95_scores.append(hd95(prediction, reference, num_labels, in_mm, ignore_index=ignore_index))
             centers.append(center)
         row += len(references)
     model.train(was_training)
@@ -131,4 +179,12 @@ def absent_classes_note(scores: dict[str, dict]) -> str:
     return f"Classes absent from every reference and prediction, left out of the means: {listed}."
 
 
-__all__ = ["absent_classes_note", "evaluate_segmentation", "json_scores", "mean_dice", "predict"]
+__all__ = [
+    "absent_classes_note",
+    "evaluate_segmentation",
+    "json_scores",
+    "mean_dice",
+    "predict",
+    "segmentation_logits",
+    "volume_logits",
+]

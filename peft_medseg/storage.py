@@ -20,6 +20,13 @@ from typing import Any
 
 from torch import nn
 
+from .models3d import (
+    VOLUME_PREPROCESSING_NAME,
+    VolumePreprocessing,
+    default_volume_preprocessing,
+    is_volume_base,
+    load_volume_model,
+)
 from .visual_prompt import PEFT_TYPE_NAME, VisualPromptConfig, read_adapter_config
 from .visual_prompt.files import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 
@@ -221,8 +228,10 @@ def _looks_local(path: str) -> bool:
 def load_base(path: str | Path):
     """A saved base segmentation model and its image processor, in eval mode (safetensors only, never pickle).
 
-    `path` is a folder written by `pretrain_base.py` (or `save_pretrained`) or a Hub model id. A missing folder, a
-    folder without a model, or an adapter folder given as a base raise an error naming the path.
+    `path` is a folder written by `pretrain_base.py` (or `save_pretrained`) or a Hub model id. A 3D base folder
+    (`UNETR3D`/`SwinUNETR3D.save_pretrained`, with or without `volume_preprocessing.json`) gives MONAI's network
+    (`peft_medseg.models3d`) and its `VolumePreprocessing`.
+    A missing folder, a folder without a model, or an adapter folder given as a base raise an error naming the path.
     """
     from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
@@ -243,6 +252,13 @@ def load_base(path: str | Path):
         raise FileNotFoundError(
             f"{text}: no such model folder; expected a base saved by pretrain_base.py or a Hub id."
         )
+    if (local / VOLUME_PREPROCESSING_NAME).is_file() or is_volume_base(local):
+        # A 3D base; saved by `UNETR3D.save_pretrained` alone, it gets the preprocessing its shape implies.
+        check_no_pickle(local)
+        model = load_volume_model(local)
+        if (local / VOLUME_PREPROCESSING_NAME).is_file():
+            return model, VolumePreprocessing.from_pretrained(local)
+        return model, default_volume_preprocessing(model)
     try:
         model = AutoModelForSemanticSegmentation.from_pretrained(text, use_safetensors=True)
         processor = AutoImageProcessor.from_pretrained(text)

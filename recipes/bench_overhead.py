@@ -2,6 +2,7 @@
 
     python recipes/bench_overhead.py                 # ViT-S-sized UperNet, 224 px, batch 8, CPU, with cost curves
     python recipes/bench_overhead.py --quick         # a small config, for a smoke run
+    python recipes/bench_overhead.py --3d            # MONAI UNETR at 96³ with ViT-B widths (the paper's model)
 
 Measures: inference latency of deep VPT vs the bare base (deep prompts as keys/values, and the token path they
 replace); a mixed batch over 4 centers vs the same batch under one adapter and vs a per-sample loop with
@@ -9,6 +10,10 @@ replace); a mixed batch over 4 centers vs the same batch under one adapter and v
 full fine-tuning (peak resident memory, each step in its own process). Cost curves (`--curves`, on by default): latency
 overhead against the number of prompts and the image size; training peak memory against the backbone width (ViT-S,
 ViT-B, ViT-L); mixed-batch throughput against the number of centers in a batch. Writes JSON, Markdown and PNGs.
+
+`--3d` measures the paper's own model instead: deep VPT vs the bare MONAI UNETR (ViT-B widths, 96³ patches of
+16³, 2 channels, batch 1) in inference latency and FLOPs, and the peak memory of a training step of VPT and
+LoRA against full fine-tuning.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from transformers import SegformerConfig, SegformerForSemanticSegmentation
 import peft_medseg
 from peft_medseg.experiments.profiling import measure_in_fresh_process, training_step_probe
 from peft_medseg.models import NAMED_CONFIGS, build_segmentation_model
+from peft_medseg.models3d import volume_in_channels, volume_roi_size
 from peft_medseg.visual_prompt.kv_layer import DeepKeyValuePromptLayer
 
 matplotlib.use("Agg")
@@ -373,10 +379,19 @@ def _save(fig, path: Path) -> Path:
 def markdown(results: dict) -> str:
     args = results["setup"]
     inf, tr, seg = results.get("inference"), results.get("training", {}), results.get("segformer")
+    if args["sections"] == ["3d"]:
+        setup = (
+            f"Setup: {args['config_3d']}, batch 1, {args['num_virtual_tokens']} prompts, {args['device']}, "
+            f"{args['threads']} threads; fastest of {args['repeats_3d']} round-robin runs."
+        )
+    else:
+        setup = (
+            f"Setup: {args['config']} base, {args['image_size']} px, batch {args['batch_size']}, "
+            f"{args['num_virtual_tokens']} prompts, {args['device']}, {args['threads']} threads; fastest of "
+            f"{args['repeats']} (curves: {args['curve_repeats']}) round-robin runs."
+        )
     lines = [
-        f"Setup: {args['config']} base, {args['image_size']} px, batch {args['batch_size']}, "
-        f"{args['num_virtual_tokens']} prompts, {args['device']}, {args['threads']} threads; fastest of "
-        f"{args['repeats']} (curves: {args['curve_repeats']}) round-robin runs.",
+        setup,
         "",
         "| measure | value | target |",
         "|---|---|---|",
@@ -400,6 +415,19 @@ def markdown(results: dict) -> str:
                 f"| {variant} / full fine-tuning, training step peak memory | {result['memory_vs_full']:.3f}× "
                 f"(time {result['time_vs_full']:.2f}×) | {'≤ 0.6×' if 'checkpointing' in variant else '—'} |"
             )
+    if results.get("3d"):
+        r = results["3d"]
+        lines += [
+            f"| 3D: deep VPT / bare UNETR ({r['config']}, {'x'.join(map(str, r['roi_size']))}, batch 1), inference "
+            f"latency | {r['vpt_vs_base']:.3f}× ({r['base_ms']:.0f} ms base) | ≤ 1.05× |",
+            f"| 3D: deep VPT / bare UNETR, FLOPs | {r['vpt_vs_base_flops']:.4f}× | — |",
+        ]
+        for method, m in r["training"].items():
+            if method != "full":
+                lines.append(
+                    f"| 3D: {method} / full fine-tuning, training step peak memory | {m['memory_vs_full']:.3f}× "
+                    f"({m['peak_mb']:.0f} MB) | {'≤ 0.6×' if method.startswith('vpt') else '—'} |"
+                )
     if results.get("latency_curve"):
         lines += [
             "",
@@ -445,6 +473,46 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def bench_3d(args) -> dict:
+    """Deep VPT vs the bare UNETR (the paper's 3D model): inference latency and FLOPs, training-step peak memory."""
+    torch.manual_seed(0)
+    base = build_segmentation_model(args.config_3d, num_labels=3).eval()
+    pixels = torch.randn(1, volume_in_channels(base), *volume_roi_size(base))
+    with torch.inference_mode():
+        reference = base(pixels)
+    base_flops = count_flops(lambda: base(pixels))
+    model = get_peft_model(
+        base, peft_medseg.VisualPromptConfig(num_virtual_tokens=args.num_virtual_tokens, prompt_dropout=0.0)
+    ).eval()
+    vpt_flops = count_flops(lambda: model(pixels))
+    times = {}
+
+    def bare():
+        with model.disable_adapter():
+            model(pixels)
+
+    with torch.inference_mode():
+        assert not torch.equal(model(pixels), reference)  # the prompts act
+        times = interleaved_fastest({"base": bare, "vpt": lambda: model(pixels)}, args.repeats_3d)
+    memory = {
+        method: measure_in_fresh_process(training_step_probe, base=args.config_3d, method=method, batch_size=1)
+        for method in tqdm(("full", "lora", "vpt-deep", "vpt-deep-norms"), desc="3D training steps")
+    }
+    full = memory["full"]["peak_mb"]
+    return {
+        "config": args.config_3d,
+        "roi_size": list(pixels.shape[2:]),
+        "base_ms": 1000 * times["base"],
+        "vpt_ms": 1000 * times["vpt"],
+        "vpt_vs_base": times["vpt"] / times["base"],
+        "vpt_vs_base_flops": vpt_flops / base_flops,
+        "training": {
+            method: {"peak_mb": r["peak_mb"], "memory_vs_full": r["peak_mb"] / full, "trainable": r["trainable"]}
+            for method, r in memory.items()
+        },
+    }
+
+
 SECTIONS = {
     "inference": bench_inference,
     "segformer": bench_segformer,
@@ -452,6 +520,7 @@ SECTIONS = {
     "latency_curve": latency_curve,
     "mixed_curve": mixed_curve,
     "memory_curve": memory_curve,
+    "3d": bench_3d,
 }
 
 
@@ -468,12 +537,19 @@ def main() -> None:
         "--sections",
         nargs="+",
         choices=SECTIONS,
-        default=list(SECTIONS),
+        default=[section for section in SECTIONS if section != "3d"],
         help="what to measure (the curves take minutes on 2 cores)",
     )
     parser.add_argument("--quick", action="store_true", help="tiny config at 64 px, no curves: a smoke run")
+    parser.add_argument("--3d", dest="three_d", action="store_true", help="the 3D section alone (MONAI UNETR)")
+    parser.add_argument(
+        "--config_3d", default="unetr-base", help="3D named config of --3d (ViT-B widths: the paper's)"
+    )
+    parser.add_argument("--repeats_3d", type=int, default=3)
     parser.add_argument("--output_dir", default="outputs/bench")
     args = parser.parse_args()
+    if args.three_d:
+        args.sections = ["3d"]
     if args.quick:
         args.config, args.image_size, args.repeats, args.train_repeats = "tiny", 64, 5, 1
         args.sections = ["inference", "segformer", "training"]

@@ -5,7 +5,8 @@
 
 Rows: the base (direct inference), each model folder written by finetune_center.py, and "routed" (each center through
 its own visual prompt adapter in one mixed-center batch, the base for centers without one). Columns: each center's
-test split. Cells: mean foreground Dice / HD95 (pixels). "forgetting": mean Dice change vs the base on the centers a
+test split. Cells: mean foreground Dice / HD95 (pixels; millimetres for a 3D base, whose test volumes are segmented
+whole by sliding-window inference). "forgetting": mean Dice change vs the base on the centers a
 row was not adapted to. Writes matrix.md, matrix.csv, matrix.json, dice_heatmap.png and overlays.png.
 """
 
@@ -15,11 +16,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from peft_medseg import BASE_ADAPTER_NAME
 from peft_medseg.data import load_multicenter_dataset, parse_label_map
 from peft_medseg.matrix import center_matrix
+from peft_medseg.models import model_num_labels
+from peft_medseg.models3d import VolumePreprocessing
 from peft_medseg.plots import plot_dice_heatmap, plot_overlays
 from peft_medseg.scoring import json_scores, predict
 from peft_medseg.storage import claim_output_dir, load_base
@@ -35,7 +36,11 @@ class EvaluateArguments:
     output_dir: str = field(metadata={"help": "Where matrix.md/csv/json, dice_heatmap.png and overlays.png go."})
     models: list[str] = field(default_factory=list, metadata={"help": "Folders written by finetune_center.py."})
     dataset: str = field(
-        default="synthetic", metadata={"help": "'synthetic', a folder <root>/<center>/images|masks or a datasets id."}
+        default="synthetic",
+        metadata={
+            "help": "'synthetic' ('synthetic3d' for a 3D base), a folder <root>/<center>/images|masks (NIfTI "
+            "images|labels for a 3D base) or a datasets id."
+        },
     )
     centers: list[str] | None = field(default=None, metadata={"help": "Test centers (default: all)."})
     label_map: list[str] | None = field(default=None, metadata={"help": "VALUE=ID, e.g. 255=1 for 0/255 masks."})
@@ -46,9 +51,13 @@ class EvaluateArguments:
 def main(argv: list[str] | None = None) -> None:
     (args,) = parse_arguments((EvaluateArguments,), argv, description=__doc__)
     base, processor = load_base(args.base_model)
-    num_labels = base.config.num_labels
+    num_labels = model_num_labels(base)
     data, _ = load_multicenter_dataset(
-        args.dataset, args.centers, num_labels, label_map=parse_label_map(args.label_map)
+        args.dataset,
+        args.centers,
+        num_labels,
+        label_map=parse_label_map(args.label_map),
+        volumes=isinstance(processor, VolumePreprocessing),
     )
     for folder in args.models:
         if not Path(folder).is_dir():
@@ -88,13 +97,18 @@ def write_matrix(args, data, processor, num_labels: int, output_dir: Path) -> No
             per_center[center].append(index)
     indices = [i for center in sorted(per_center) for i in per_center[center]]
     rows = [test[i] for i in indices]
-    pixels = torch.stack([r["pixel_values"] for r in rows])
     base, _ = load_base(args.base_model)
-    panels = {"reference": [r["labels"].numpy() for r in rows], "base": list(predict(base, pixels).numpy())}
+    # One at a time: volumes differ in size. A volume is shown at its axial slice with the most reference foreground.
+    panels = {"reference": [r["labels"].numpy() for r in rows]}
+    panels["base"] = [predict(base, r["pixel_values"][None])[0].numpy() for r in rows]
     if prompted is not None:
         names = [matrix.routes.get(r["center"], BASE_ADAPTER_NAME) for r in rows]
-        panels["routed"] = list(predict(prompted, pixels, names).numpy())
+        panels["routed"] = [predict(prompted, r["pixel_values"][None], [n])[0].numpy() for r, n in zip(rows, names)]
     images = [r["pixel_values"][0].numpy() for r in rows]
+    if images[0].ndim == 3:
+        slices = [int((labels > 0).sum(axis=(0, 1)).argmax()) for labels in panels["reference"]]
+        images = [image[..., z] for image, z in zip(images, slices)]
+        panels = {name: [maps[..., z] for maps, z in zip(column, slices)] for name, column in panels.items()}
     plot_overlays(images, panels, [r["center"] for r in rows], output_dir / "overlays.png", num_labels)
     print(f"Wrote {output_dir}/matrix.md, matrix.csv, matrix.json, dice_heatmap.png, overlays.png")
 

@@ -19,8 +19,13 @@ r"""Adapt a pretrained base to one new center: visual prompts, LoRA, the decode 
     python recipes/finetune_center.py finetune.yaml
 
 Writes <output_dir>/ (the adapter, or the full model) with evaluation.json: Dice and HD95 on every center's test split.
-An adapter also gets center_signature.safetensors: the frozen base's feature statistics on the center, with which
-`predict.py --route auto` and `peft_medseg.CenterRouter` recognise the center's images (or reject foreign ones).
+An adapter of a 2D base also gets center_signature.safetensors: the frozen base's feature statistics on the center,
+with which `predict.py --route auto` and `peft_medseg.CenterRouter` recognise the center's images (or reject foreign
+ones). 3D bases (saved by `pretrain_base.py --base unetr-tiny ...`) train on random patches and are scored on whole
+volumes by sliding-window inference (Dice, HD95 in mm); their default new center is `flair_pet_e`:
+
+    python recipes/finetune_center.py --base_model outputs/base-unetr-tiny --dataset synthetic3d \
+        --method vpt-deep-norms --new_center flair_pet_e --output_dir outputs/unetr-vpt-flair_pet_e
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from peft_medseg.data import load_multicenter_dataset, parse_label_map, select_centers
+from peft_medseg.models import model_num_labels
+from peft_medseg.models3d import VolumePreprocessing
 from peft_medseg.scoring import absent_classes_note, evaluate_segmentation, json_scores
 from peft_medseg.storage import claim_output_dir, load_base, save_finetuned
 from peft_medseg.training import (
@@ -104,14 +111,16 @@ def main(argv: list[str] | None = None) -> None:
     # Everything that can be checked is checked before training: the base, the data and its labels, the centers,
     # and the output folders (writable, and not being written by another run).
     base, processor = load_base(args.base_model)
-    num_labels = base.config.num_labels
+    volumes = isinstance(processor, VolumePreprocessing)  # a 3D base: whole volumes, patch training
+    num_labels = model_num_labels(base)
     label_map = parse_label_map(data_args.label_map)
-    data, _ = load_multicenter_dataset(data_args.dataset, num_labels=num_labels, label_map=label_map)
+    data, _ = load_multicenter_dataset(data_args.dataset, num_labels=num_labels, label_map=label_map, volumes=volumes)
     new_center = args.new_center
     if new_center is None:
         from peft_medseg.data.synthetic import HELD_OUT_CENTER
+        from peft_medseg.data.synthetic3d import HELD_OUT_CENTERS_3D
 
-        new_center = HELD_OUT_CENTER
+        new_center = HELD_OUT_CENTERS_3D[0] if volumes else HELD_OUT_CENTER
     test_centers = sorted(set(data["test"]["center"]))
     if new_center not in test_centers:
         raise ValueError(f"--new_center {new_center!r}: no test rows to score it on; centers: {test_centers}.")
@@ -134,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
             claims.enter_context(claim_output_dir(args.output_dir))
             claims.enter_context(claim_output_dir(config.checkpoint_dir))
         signature = None
-        if args.method in PEFT_METHODS and accelerator.is_main_process:
+        if args.method in PEFT_METHODS and accelerator.is_main_process and not volumes:
             # Of the frozen base, before the adapter is injected: what the router compares new images with.
             signature = center_signature(
                 base, processor, data, new_center, data_args.validation_fraction, args.false_rejection_rate

@@ -6,6 +6,9 @@ epoch budget; plus a few-shot curve (VPT-deep vs full).
     python recipes/reproduce_paper.py --output_dir outputs/paper/synthetic     # embedded data, 3 seeds
     python recipes/reproduce_paper.py --dataset ../shared/data/breast_us --held_out busi \\
         --centers busi busbra_logiq7 busbra_logiq5 busbra_aplio300 --output_dir outputs/paper/breast_us
+    # The paper's own setting: a 3D UNETR on two-channel volumes, two held-out centers (one base without each):
+    python recipes/reproduce_paper.py --base unetr-tiny --dataset synthetic3d --held_out flair_pet_e t1_pet_f \
+        --few_shot_cases 0 --output_dir outputs/paper/synthetic3d
 
 Writes runs.jsonl (one line per finished run: an interrupted reproduction continues where it stopped), runs.csv,
 summary.md / summary.csv (one table per held-out center) and figure-<center>.png. Bases are cached per split.
@@ -17,6 +20,7 @@ from dataclasses import dataclass, field
 
 from peft_medseg.experiments.paper import ProtocolConfig, run_protocol
 from peft_medseg.experiments.paper_report import summarize
+from peft_medseg.models3d import is_volume_base
 from peft_medseg.storage import claim_output_dir
 from peft_medseg.training.cli import parse_arguments, run_recipe
 
@@ -33,8 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     args, cfg = parse_arguments((ReproduceArguments, ProtocolConfig), argv, description=__doc__)
     if not cfg.held_out:
         from peft_medseg.data.synthetic import HELD_OUT_CENTER
+        from peft_medseg.data.synthetic3d import HELD_OUT_CENTERS_3D
 
-        cfg.held_out = [HELD_OUT_CENTER]
+        cfg.held_out = list(HELD_OUT_CENTERS_3D) if is_volume_base(cfg.base) else [HELD_OUT_CENTER]
     if args.quick:
         cfg.seeds, cfg.few_shot_cases, cfg.pretrain_epochs, cfg.finetune_epochs = [0], [], 15, 8
     with claim_output_dir(args.output_dir):

@@ -114,7 +114,9 @@ def test_pretrain_finetune_evaluate(pipeline):
     # The adapter travels with its center's signature, made with this base; a full model has no router to feed.
     from peft_medseg.routing import SIGNATURE_FILENAME, CenterRouter
 
-    CenterRouter.from_adapters([root / "vpt"]).check_base(AutoModelForSemanticSegmentation.from_pretrained(root / "base"))
+    CenterRouter.from_adapters([root / "vpt"]).check_base(
+        AutoModelForSemanticSegmentation.from_pretrained(root / "base")
+    )
     assert not (root / "full" / SIGNATURE_FILENAME).exists()
 
     out = root / "eval"

@@ -15,6 +15,7 @@ from .splits import center_names
 from .validation import DataValidationError, check_safe_name
 
 SYNTHETIC = "synthetic"
+SYNTHETIC_3D = "synthetic3d"
 IGNORE_INDEX = 255  # the label of pixels that neither train nor score (see `segmentation_loss`)
 
 
@@ -23,8 +24,13 @@ def load_multicenter_dataset(
     centers: Sequence[str] | None = None,
     num_labels: int | None = None,
     label_map: Mapping[int, int] | None = None,
+    volumes: bool = False,
 ) -> tuple[DatasetDict, dict[int, str]]:
     """A train/test `DatasetDict` (columns image, label, center, case_id) and its id2label.
+
+    `volumes=True` (3D models) loads whole volumes instead: `"synthetic3d"` (the embedded two-channel head volumes,
+    generated and cached on first use; `"synthetic"` means it too) or a NIfTI folder `<root>/<center>/images|labels`
+    (see `peft_medseg.data.volumes`); rows hold file paths, labels are checked case by case.
 
     `dataset` is `"synthetic"` (the embedded simulated brain MRI, generated and cached on first use), a local folder
     (`<root>/<center>/images|masks`) or anything `datasets` loads (a `save_to_disk` folder or a Hub id).
@@ -34,6 +40,8 @@ def load_multicenter_dataset(
     when given (a base's `num_labels`: data with fewer classes would be scored on classes it never has). Center
     names must be usable in file names (see `check_safe_name`). Errors name the dataset and the values found.
     """
+    if volumes:
+        return _load_volumes(dataset, centers, num_labels, label_map)
     if dataset == SYNTHETIC:
         from .synthetic import ID2LABEL, load_synthetic_mri
 
@@ -65,6 +73,30 @@ def load_multicenter_dataset(
             f"{dataset}: the training masks hold label values {values.tolist()[:10]}, expected each of "
             f"0..{max(expected, 2) - 1}{' (the model has ' + str(num_labels) + ' classes)' if num_labels else ''}; "
             f"{hint}."
+        )
+    return data, id2label or {i: str(i) for i in range(expected)}
+
+
+def _load_volumes(
+    dataset: str, centers: Sequence[str] | None, num_labels: int | None, label_map: Mapping[int, int] | None
+) -> tuple[DatasetDict, dict[int, str]]:
+    from .volumes import load_volume_dataset
+
+    if label_map:
+        raise DataValidationError(f"{dataset}: --label_map applies to 2D masks; write volume labels as class ids.")
+    if dataset in (SYNTHETIC, SYNTHETIC_3D):
+        from .synthetic3d import ID2LABEL_3D, synthetic_volumes_dir
+
+        root, id2label = synthetic_volumes_dir(), dict(ID2LABEL_3D)
+    else:
+        root, id2label = Path(dataset), None
+    data, found = load_volume_dataset(root, centers=centers, num_labels=num_labels)
+    expected = num_labels or (len(id2label) if id2label else found[-1] + 1)
+    # Small lesion classes may be missing from some cases, but every class must occur in some training label.
+    if expected < 2 or found != list(range(expected)):
+        raise DataValidationError(
+            f"{dataset}: the training labels hold ids {found[:10]}, expected each of 0..{max(expected, 2) - 1}"
+            f"{' (the model has ' + str(num_labels) + ' classes)' if num_labels else ''}."
         )
     return data, id2label or {i: str(i) for i in range(expected)}
 

@@ -16,6 +16,7 @@ from PIL import Image as PILImage
 
 from .splits import hash_split
 from .validation import DataValidationError, check_label_values, check_safe_name
+from .volumes import AFFINE_TOLERANCE_MM, nifti_stem
 
 NIFTI_FEATURES = Features(
     {
@@ -35,18 +36,6 @@ def _nibabel():
     except ImportError as error:
         raise ImportError('Loading NIfTI volumes needs nibabel: pip install "peft_medseg[nifti]".') from error
     return nibabel
-
-
-def _case_name(path: Path) -> str | None:
-    name = path.name
-    for suffix in (".nii.gz", ".nii"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return None
-
-
-# Largest difference (mm) between an image's and its label's affine that still counts as the same geometry.
-AFFINE_TOLERANCE_MM = 1e-3
 
 
 def _load_volume(path: Path):
@@ -99,11 +88,11 @@ def load_nifti_dataset(
 
     rows: list[tuple] = []
     for center in available:
-        image_paths = sorted(p for p in (root / center / "images").iterdir() if _case_name(p))
+        image_paths = sorted(p for p in (root / center / "images").iterdir() if nifti_stem(p))
         if not image_paths:
             raise DataValidationError(f"{root / center / 'images'}: no .nii.gz or .nii volumes.")
         for image_path in image_paths:
-            case = _case_name(image_path)
+            case = nifti_stem(image_path)
             label_path = next(
                 (p for p in (root / center / "labels" / f"{case}{s}" for s in (".nii.gz", ".nii")) if p.is_file()),
                 None,

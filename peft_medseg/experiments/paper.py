@@ -25,7 +25,9 @@ import torch
 from safetensors.torch import save_file
 
 from ..data import select_centers
-from ..models import image_processor_for
+from ..data.volumes import volume_channel_count
+from ..models import image_processor_for, model_num_labels
+from ..models3d import is_volume_base
 from ..scoring import evaluate_segmentation
 from ..storage import check_safe_name, save_base
 from ..training import (
@@ -64,7 +66,10 @@ class ProtocolConfig:
     Also the arguments of `reproduce_paper.py` (`HfArgumentParser`), so every field has a command-line option.
     """
 
-    dataset: str = field(default="synthetic", metadata={"help": "'synthetic', a folder or a datasets id."})
+    dataset: str = field(
+        default="synthetic",
+        metadata={"help": "'synthetic' (or 'synthetic3d' with a 3D base), a folder or a datasets id."},
+    )
     held_out: list[str] = field(
         default_factory=list, metadata={"help": "New centers, one split each (recipe default: the synthetic one)."}
     )
@@ -79,7 +84,12 @@ class ProtocolConfig:
     few_shot_methods: list[str] = field(
         default_factory=lambda: ["vpt-deep", "full"], metadata={"help": "Methods of the few-shot curve."}
     )
-    base: str = field(default="tiny", metadata={"help": "Named base config (tiny, small) or a Hub backbone id."})
+    base: str = field(
+        default="tiny",
+        metadata={
+            "help": "Named base config (tiny, tiny-encoder, small; 3D: unetr-tiny, swin-unetr-tiny) or a Hub id."
+        },
+    )
     image_size: int = field(default=64, metadata={"help": "Side of the square model input."})
     pretrain_epochs: int = field(default=40, metadata={"help": "Epochs of each split's base."})
     pretrain_learning_rate: float = field(default=2e-3, metadata={"help": "Learning rate of the bases."})
@@ -139,9 +149,17 @@ def pretrained_base(cfg: ProtocolConfig, data, num_labels: int, id2label, held_o
     if settings_file.is_file() and json.loads(settings_file.read_text()) == settings:
         return load_base(folder)
     sources = [c for c in sorted(set(data["train"]["center"])) if c != held_out]
-    processor = image_processor_for(cfg.base, cfg.image_size)
+    volumes = is_volume_base(cfg.base)
+    if volumes:
+        processor = image_processor_for(cfg.base, cfg.image_size, volume_channel_count(data["train"]), id2label)
+    else:
+        processor = image_processor_for(cfg.base, cfg.image_size)
+    # 2D bases pretrain on batches of 16 images; 3D bases on the fine-tuning batch of patches.
     config = TrainingConfig(
-        learning_rate=cfg.pretrain_learning_rate, num_epochs=cfg.pretrain_epochs, batch_size=16, seed=0
+        learning_rate=cfg.pretrain_learning_rate,
+        num_epochs=cfg.pretrain_epochs,
+        batch_size=cfg.batch_size if volumes else 16,
+        seed=0,
     )
     model, result = pretrain_base(
         select_centers(data, sources),
@@ -158,13 +176,20 @@ def pretrained_base(cfg: ProtocolConfig, data, num_labels: int, id2label, held_o
     return load_base(folder)
 
 
-def run_one(cfg, base_dir: Path, data, test, new_center: str, method: str, seed: int, num_train_cases) -> dict:
-    """Adapt the cached base with one method and seed; score it on every center."""
+def run_one(
+    cfg, base_dir: Path, data, test, new_center: str, method: str, seed: int, num_train_cases, base_scores=None
+) -> dict:
+    """Adapt the cached base with one method and seed; score it on every center.
+
+    `base_scores` (3D bases: the base's scores on `test`, computed once per split) stand for the base's rows of the
+    routed evaluation: volumes are scored one per forward pass, so a routed volume of an old center runs exactly the
+    base's computation (tested bit for bit), and scoring it again would only repeat it.
+    """
     base, processor = load_base(base_dir)
-    num_labels = base.config.num_labels
+    num_labels = model_num_labels(base)
     row = {"held_out": new_center, "method": method, "seed": seed, "num_train_cases": num_train_cases}
     if method == "direct":
-        scores = evaluate_segmentation(base, test, num_labels)
+        scores = base_scores or evaluate_segmentation(base, test, num_labels)
         total = sum(p.numel() for p in base.parameters())
         row |= {"trainable": 0, "total": total, "weights_bytes": 0, "seconds_per_epoch": 0.0}
         row |= {"train_cases_used": 0, "best_epoch": -1}
@@ -185,7 +210,10 @@ def run_one(cfg, base_dir: Path, data, test, new_center: str, method: str, seed:
         )
         model = outcome.model
         scores = evaluate_segmentation(model, test, num_labels)
-        if method in PEFT_METHODS:
+        if method in PEFT_METHODS and base_scores is not None:
+            routed = {c: scores[c] if c == new_center else base_scores[c] for c in scores}
+            row["old_dice_routed"] = _mean_old(routed, new_center)
+        elif method in PEFT_METHODS:
             # One mixed-center batch per step: "__base__" rows take the base path inside the same forward.
             route = lambda center: "default" if center == new_center else BASE_ADAPTER_NAME  # noqa: E731
             routed = evaluate_segmentation(model, test, num_labels, adapter_for_center=route)
@@ -213,15 +241,18 @@ def run_one(cfg, base_dir: Path, data, test, new_center: str, method: str, seed:
     return row
 
 
-def measure_training_memory(base_dir: str | Path, method: str, batch_size: int, num_virtual_tokens: int = 10) -> float:
-    """Peak memory growth (MB) of a training step of `method` on the saved base, in a fresh process."""
+def measure_training_memory(
+    base_dir: str | Path, method: str, batch_size: int, num_virtual_tokens: int = 10, volumes: bool = False
+) -> float:
+    """Peak memory growth (MB) of a training step of `method` on the saved base, in a fresh process (3D bases train
+    without activation checkpointing, as `finetune_center` trains them)."""
     probe = measure_in_fresh_process(
         training_step_probe,
         base=str(base_dir),
         method=method,
         batch_size=batch_size,
         num_virtual_tokens=num_virtual_tokens,
-        gradient_checkpointing=uses_gradient_checkpointing(method),
+        gradient_checkpointing=uses_gradient_checkpointing(method) and not volumes,
     )
     return probe["peak_mb"]
 
@@ -229,7 +260,7 @@ def measure_training_memory(base_dir: str | Path, method: str, batch_size: int, 
 def run_protocol(cfg: ProtocolConfig, output_dir: str | Path, progress=print) -> list[dict]:
     """Every run of the protocol; rows are appended to `output_dir/runs.jsonl` as they finish (a resumable log)."""
     output_dir = Path(output_dir)
-    data, id2label = load_multicenter_dataset(cfg.dataset, cfg.centers)
+    data, id2label = load_multicenter_dataset(cfg.dataset, cfg.centers, volumes=is_volume_base(cfg.base))
     num_labels = len(id2label)
     centers = set(data["train"]["center"])
     for held_out in cfg.held_out:
@@ -249,13 +280,21 @@ def run_protocol(cfg: ProtocolConfig, output_dir: str | Path, progress=print) ->
         _, processor = pretrained_base(cfg, data, num_labels, id2label, held_out, base_dir)
         test = data["test"]
         test.set_transform(eval_transform(processor))
-        plan = [(m, s, None) for m in cfg.methods for s in (cfg.seeds if m != "direct" else (0,))]
+        base_scores = None
+        if is_volume_base(cfg.base) and any(
+            (held_out, m, s, c) not in finished for m, s, c in [(m, s, None) for m in cfg.methods for s in cfg.seeds]
+        ):
+            base_model, _ = load_base(base_dir)
+            base_scores = evaluate_segmentation(base_model, test, model_num_labels(base_model))
+        # Seed by seed: the first seed of every method finishes before the second starts, so a long reproduction
+        # gives a complete (if single-seed) comparison early.
+        plan = [(m, s, None) for s in cfg.seeds for m in cfg.methods if m != "direct" or s == cfg.seeds[0]]
         plan += [(m, s, n) for m in cfg.few_shot_methods for s in cfg.seeds for n in cfg.few_shot_cases if n]
         for method, seed, cases in plan:
             if (held_out, method, seed, cases) in finished:
                 continue
             progress(f"[{held_out}] {method} seed={seed} cases={cases or 'all'}")
-            row = run_one(cfg, base_dir, data, test, held_out, method, seed, cases)
+            row = run_one(cfg, base_dir, data, test, held_out, method, seed, cases, base_scores)
             rows.append(row)
             with log.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
@@ -264,7 +303,9 @@ def run_protocol(cfg: ProtocolConfig, output_dir: str | Path, progress=print) ->
             memory = json.loads(memory_file.read_text()) if memory_file.is_file() else {}
             for method in cfg.methods:
                 if method != "direct" and method not in memory:
-                    memory[method] = measure_training_memory(base_dir, method, cfg.batch_size, cfg.num_virtual_tokens)
+                    memory[method] = measure_training_memory(
+                        base_dir, method, cfg.batch_size, cfg.num_virtual_tokens, is_volume_base(cfg.base)
+                    )
             memory_file.write_text(json.dumps(memory, indent=2))
     (output_dir / "protocol.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
     return rows

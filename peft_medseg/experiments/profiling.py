@@ -18,6 +18,8 @@ import torch
 
 from ..data import processor_target_size
 from ..models import build_segmentation_model
+from ..models3d import is_volume_model, volume_in_channels, volume_num_labels, volume_roi_size
+from ..scoring import segmentation_logits
 from ..storage import load_base
 from ..training import enable_gradient_checkpointing, prepare_model, segmentation_loss, set_train_mode
 
@@ -90,27 +92,34 @@ def training_step_probe(
 ) -> dict:
     """Peak memory growth (MB) of a first training step of `method`, and the median time of `repeats` more.
 
-    `base` is a saved base folder (its own image size and labels), a named config (`"small"`) or a spec of the keys
-    of `NAMED_CONFIGS` (random init, e.g. ViT-B widths). The first step allocates everything a step needs
+    `base` is a saved base folder (its own image size and labels), a named config (`"small"`, or a 3D one such as
+    `"unetr-base"`, which takes patches of its own size) or a spec of the keys of `NAMED_CONFIGS` (random init, e.g.
+    ViT-B widths). The first step allocates everything a step needs
     (activations, gradients, optimizer state); later steps reuse the allocator's cache, so only it shows the peak.
     """
     if isinstance(base, str) and Path(base).is_dir():
         model, processor = load_base(base)
-        image_size, num_labels = processor_target_size(processor)[0], model.config.num_labels
+        if not is_volume_model(model):
+            image_size, num_labels = processor_target_size(processor)[0], model.config.num_labels
+        else:
+            num_labels = volume_num_labels(model)
     else:
         torch.manual_seed(0)
         model = build_segmentation_model(base, num_labels, image_size=image_size)
+    # A 3D base (MONAI) takes patches of its own size and channel count; a 2D base RGB images.
+    volume = is_volume_model(model)
+    input_shape = (volume_in_channels(model), *volume_roi_size(model)) if volume else (3, image_size, image_size)
     model = prepare_model(model, method, num_virtual_tokens=num_virtual_tokens, prompt_dropout=0.0)
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     set_train_mode(model)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=1e-4)
-    pixels = torch.randn(batch_size, 3, image_size, image_size)
-    labels = torch.randint(0, num_labels, (batch_size, image_size, image_size))
+    pixels = torch.randn(batch_size, *input_shape)
+    labels = torch.randint(0, num_labels, (batch_size, *input_shape[1:]))
 
     def step() -> None:
-        segmentation_loss(model(pixel_values=pixels).logits, labels).backward()
+        segmentation_loss(segmentation_logits(model, pixels), labels).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -5,6 +5,11 @@ center signatures into a `CenterRouter`. Scans of several centers go through one
 adapter name (`"__base__"` for the base). A 2D model segments a volume slice by slice (the last axis, as the NIfTI
 loader slices for training), and routes it as a whole by the mean of its slices' features. Masks come back at the scan's
 own size: logits are resized to it before the argmax.
+
+A 3D base (MONAI's UNETR / Swin UNETR) segments a volume whole: its `VolumePreprocessing` (RAS orientation, voxel
+size, per-channel z-score) is applied with MONAI, sliding-window inference gives class probabilities, and MONAI's
+recorded inverse maps them back onto the scan's own voxels before the argmax, so the mask has the scan's shape and
+affine.
 """
 
 from __future__ import annotations
@@ -15,10 +20,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from torch import nn
 
 from ..data import SegmentationTransform
+from ..data.volumes import volume_input_transform
+from ..models import model_num_labels
+from ..models3d import VolumePreprocessing
 from ..routing import CenterRouter, base_features
+from ..scoring import volume_logits
 from ..storage import check_safe_name, is_adapter_folder, load_base
 from ..visual_prompt import BASE_ADAPTER_NAME
 from .scans import Scan, check_mask_format
@@ -97,14 +107,21 @@ class Predictor:
         # Everything is read and checked before any prediction: signatures first (small), then the models.
         self.router = CenterRouter.from_adapters(self.adapters) if route == AUTO else None
         base, self.processor = load_base(base_model)
+        self.volumes = isinstance(self.processor, VolumePreprocessing)
+        if self.volumes and route == AUTO:
+            raise ValueError("route 'auto' routes 2D bases (center signatures); choose a center for a 3D base.")
         if self.router is not None:
             self.router.check_base(base)  # against the bare base, before any adapter is injected
         self.model = load_adapters(base, self.adapters).to(device).eval()
         self.device = torch.device(device)
-        self.num_labels = int(base.config.num_labels)
-        self.id2label = {int(k): str(v) for k, v in (base.config.id2label or {}).items()}
+        self.num_labels = model_num_labels(base)
+        id2label = self.processor.id2label if self.volumes else base.config.id2label
+        self.id2label = {int(k): str(v) for k, v in (id2label or {}).items()}
         check_mask_format(self.num_labels)
-        self.transform = SegmentationTransform(self.processor, train=False)
+        if self.volumes:
+            self.volume_transform = volume_input_transform(self.processor)
+        else:
+            self.transform = SegmentationTransform(self.processor, train=False)
 
     @property
     def centers(self) -> list[str]:
@@ -138,6 +155,8 @@ class Predictor:
         route = route or self.route
         if route not in (AUTO, BASE_ADAPTER_NAME, *self.adapters) or route == AUTO and self.router is None:
             raise ValueError(f"route {route!r}: this predictor offers {self.routes}.")
+        if self.volumes:
+            return [Prediction(scan, self._volume_mask(scan, route), route) for scan in scans]
         slices = [self._slices(scan) for scan in scans]
         owners = [i for i, group in enumerate(slices) for _ in group]
         images = [image for group in slices for image in group]
@@ -187,6 +206,25 @@ class Predictor:
             row = torch.nn.functional.interpolate(row[None].float(), size=tuple(size), mode="bilinear")
             masks.append(row[0].argmax(dim=0).to(torch.uint8).cpu().numpy())
         return masks
+
+    def _volume_mask(self, scan: Scan, route: str) -> np.ndarray:
+        """A 3D model's mask of a whole volume on the scan's own voxels (X, Y, Z)."""
+        if not scan.is_volume:
+            raise ValueError(f"{scan.input.source}: a 2D image; this 3D base segments volumes.")
+        if scan.array.shape[0] != self.processor.num_channels:
+            raise ValueError(
+                f"{scan.input.source}: {scan.array.shape[0]} channels; this base takes {self.processor.num_channels}."
+            )
+        image = MetaTensor(torch.as_tensor(scan.array, dtype=torch.float32), affine=torch.as_tensor(scan.affine))
+        prepared = self.volume_transform(image)
+        name = route if self.adapters else None
+        logits = volume_logits(
+            self.model, prepared.as_tensor().to(self.device), name, self.processor.sliding_window_overlap
+        )
+        probabilities = MetaTensor(logits.softmax(dim=0).cpu(), affine=prepared.affine)
+        probabilities.applied_operations = prepared.applied_operations
+        restored = self.volume_transform.inverse(probabilities)
+        return restored.argmax(dim=0).to(torch.uint8).numpy()
 
     def iter_batches(self, scans: Sequence) -> Iterator[list]:
         """`scans` in groups of `batch_size`, one `predict` call each."""

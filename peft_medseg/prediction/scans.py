@@ -10,7 +10,6 @@ computes from it). Output names come from input file names, checked like every n
 from __future__ import annotations
 
 import glob
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +19,11 @@ from PIL import Image
 
 from ..data.transforms import image_to_array
 from ..data.validation import DataValidationError
+from ..data.volumes import NIFTI_SUFFIXES, group_channel_files
 from ..storage import check_safe_name
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 DICOM_SUFFIXES = (".dcm", ".dicom")
-CHANNEL_PATTERN = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 # PNG masks are 8-bit: label ids 0..255.
 MAX_PNG_LABELS = 256
 
@@ -125,22 +123,10 @@ def find_scans(specs: Sequence[str | Path], unique_names: bool = True) -> list[S
                     f"{path}: unsupported input; expected {', '.join(IMAGE_SUFFIXES + NIFTI_SUFFIXES)} files, or a "
                     "folder holding one DICOM series."
                 )
-    scans: list[ScanInput] = []
-    channels: dict[tuple[Path, str], dict[int, Path]] = {}
-    for path in dict.fromkeys(files):
-        stem = _stem(path)
-        match = CHANNEL_PATTERN.match(stem) if _suffix(path) in NIFTI_SUFFIXES else None
-        if match:
-            channels.setdefault((path.parent, match["case"]), {})[int(match["channel"])] = path
-        else:
-            kind = "nifti" if _suffix(path) in NIFTI_SUFFIXES else "image"
-            scans.append(ScanInput(stem, kind, [path]))
-    for (parent, case), by_index in channels.items():
-        if sorted(by_index) != list(range(len(by_index))):
-            raise DataValidationError(
-                f"{parent / case}_XXXX: channel files {sorted(by_index)}; expected 0000, 0001, ... without a gap."
-            )
-        scans.append(ScanInput(case, "nifti", [by_index[i] for i in range(len(by_index))]))
+    scans: list[ScanInput] = [
+        ScanInput(_stem(path), "image", [path]) for path in dict.fromkeys(files) if _suffix(path) in IMAGE_SUFFIXES
+    ]
+    scans += [ScanInput(case, "nifti", paths) for case, paths in group_channel_files(files)]
     for folder in dict.fromkeys(dicom_folders):
         scans.append(ScanInput(folder.name, "dicom", [folder]))
     seen: dict[str, ScanInput] = {}

@@ -6,6 +6,7 @@ from datasets import Dataset
 
 from ..data import SegmentationTransform, few_shot_subset, hash_split
 from ..data.transforms import AugmentationConfig
+from ..data.volumes import VolumePreprocessing, VolumeTransform
 
 
 def split_validation(
@@ -33,12 +34,17 @@ def split_validation(
 
 
 def train_transform(image_processor, seed: int = 0, augmentation: AugmentationConfig | None = None):
-    """The augmenting preprocessing of training rows, seeded per sample (see `SegmentationTransform`)."""
+    """The augmenting preprocessing of training rows, seeded per sample: `SegmentationTransform` for an image
+    processor, `VolumeTransform` (random positive/negative patches) for a 3D base's `VolumePreprocessing`."""
+    if isinstance(image_processor, VolumePreprocessing):
+        return VolumeTransform(image_processor, train=True, seed=seed)
     return SegmentationTransform(image_processor, train=True, augmentation=augmentation, seed=seed)
 
 
-def eval_transform(image_processor) -> SegmentationTransform:
-    """The deterministic preprocessing of validation and test rows."""
+def eval_transform(image_processor) -> SegmentationTransform | VolumeTransform:
+    """The deterministic preprocessing of validation and test rows (whole volumes for a 3D base)."""
+    if isinstance(image_processor, VolumePreprocessing):
+        return VolumeTransform(image_processor, train=False)
     return SegmentationTransform(image_processor, train=False)
 
 

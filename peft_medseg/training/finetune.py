@@ -12,7 +12,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..data import select_centers
-from ..models import build_segmentation_model
+from ..models import build_segmentation_model, model_num_labels
+from ..models3d import is_volume_model
 from ..routing import DEFAULT_FALSE_REJECTION_RATE, CenterSignature, compute_signature
 from .data import eval_transform, split_validation, train_transform
 from .loop import TrainingConfig, TrainingResult, train_segmentation
@@ -52,7 +53,14 @@ def pretrain_base(
     """Train a base segmentation model (a named config or a Hub backbone, see `build_segmentation_model`) on every
     center of `data["train"]`; returns it in eval mode with the weights of its best validation epoch."""
     set_seed(config.seed)  # the initial weights depend on it: same seed, same base
-    model = build_segmentation_model(base, num_labels, image_size=image_size, id2label=id2label)
+    in_channels = getattr(image_processor, "num_channels", None)  # a 3D base's VolumePreprocessing
+    model = build_segmentation_model(
+        base,
+        num_labels,
+        image_size=image_size,
+        id2label=id2label,
+        **({"in_channels": in_channels} if in_channels else {}),
+    )
     train, validation = split_validation(data["train"], validation_fraction)
     train.set_transform(train_transform(image_processor, config.seed) if augment else eval_transform(image_processor))
     validation.set_transform(eval_transform(image_processor))
@@ -82,7 +90,7 @@ def finetune_center(
     A fixed share of the center's training cases (by case hash) validates each epoch for best-epoch selection; the
     test split is left for evaluation. `num_train_cases` keeps a deterministic few-shot subset of the rest.
     `gradient_checkpointing` recomputes the encoder's activations in the backward pass (None: on for the prompt
-    methods, see `uses_gradient_checkpointing`); the gradients are the same.
+    methods of 2D bases, see `uses_gradient_checkpointing`; off for 3D bases); the gradients are the same.
     """
     train_rows = select_centers(data["train"], new_center)
     train, validation = split_validation(train_rows, validation_fraction, num_train_cases, config.seed)
@@ -97,10 +105,12 @@ def finetune_center(
         train_classifier=train_classifier,
         lora_rank=lora_rank,
     )
+    if gradient_checkpointing is None and is_volume_model(base):
+        gradient_checkpointing = False
     if uses_gradient_checkpointing(method, gradient_checkpointing):
         enable_gradient_checkpointing(model)
     trainable, total = count_parameters(model)
-    num_labels = base.config.num_labels
+    num_labels = model_num_labels(base)
     result = train_segmentation(model, train, validation, num_labels, config, accelerator)
     model = set_train_mode(accelerator.unwrap_model(model), False)
     return FinetuneOutcome(

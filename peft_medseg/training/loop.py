@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ..data import collate_segmentation
-from ..scoring import evaluate_segmentation, mean_dice
+from ..scoring import evaluate_segmentation, mean_dice, segmentation_logits
 from ..storage import atomic_directory, check_no_pickle, recover_interrupted_write
 from .checkpoint import (
     STATE_FILENAME,
@@ -183,7 +183,7 @@ def train_segmentation(
         batches_in_epoch, running_loss = skip, 0.0
         for batch in active:
             with accelerator.accumulate(model):
-                logits = model(pixel_values=batch["pixel_values"]).logits
+                logits = segmentation_logits(model, batch["pixel_values"])
                 loss = segmentation_loss(logits, batch["labels"], dice_weight=config.dice_weight)
                 accelerator.backward(loss)
                 optimizer.step()

@@ -21,6 +21,10 @@ running statistics, about 0.2% of a tiny model): the head's feature statistics a
 re-estimating them closed most of the gap to full fine-tuning on both the embedded data and the real breast
 ultrasound centers (README, "What we measured"). Mixed-center batches route these copies per sample too.
 
+On a 3D base (MONAI's UNETR / Swin UNETR) the same methods apply to its parts: the classifier is the output conv
+(`out.conv.conv`), the decode head is everything outside the transformer (`vit` / `swinViT`), the head norms are the
+decoder's affine InstanceNorms, and LoRA targets the attention's `qkv` and output projections.
+
 `vpt-deep-head` adds, in the same adapter, a low-rank (rank `HEAD_RANK`) 1x1 update of every decode-head convolution
 (`VisualPromptConfig.head_rank`). On real center pairs much of what full fine-tuning changes sits in the head, more
 than its norms can express (README, "What we measured").
@@ -32,6 +36,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 # Importing the package registers the visual prompt method with peft.
+from ..models3d import is_volume_model
 from ..visual_prompt import VisualPromptConfig, keep_frozen_norms_in_eval
 
 # The method of `finetune_center.py`, `make demo` and the model card unless one is chosen (README, "What we measured").
@@ -73,6 +78,11 @@ DECODER_MODULE = "decode_head"
 # The attention projections of DINOv2 (`backbone.encoder.layer.N.attention.*`) and SegFormer
 # (`segformer.stages.S.blocks.N.attention.*`) in transformers 5.
 LORA_TARGET_MODULES = r".*\.attention\.(q_proj|k_proj|v_proj|o_proj)"
+# 3D models (MONAI): the final 1x1x1 conv, the encoder whose complement is the decoder, the attention projections
+# (UNETR's `vit.blocks.N.attn.qkv|out_proj`, Swin UNETR's `swinViT.layersS.0.blocks.N.attn.qkv|proj`).
+VOLUME_CLASSIFIER_MODULE = "out.conv.conv"
+VOLUME_ENCODERS = ("vit", "swinViT")
+VOLUME_LORA_TARGET_MODULES = r".*\.attn\.(qkv|out_proj|proj)"
 
 
 def default_learning_rate(method: str) -> float:
@@ -108,7 +118,9 @@ def prepare_model(
     Frozen norm layers must not update their running statistics: train with `set_train_mode`.
     """
     _check_method(method)
-    head = [CLASSIFIER_MODULE] if train_classifier else None
+    volume = is_volume_model(base)
+    classifier = VOLUME_CLASSIFIER_MODULE if volume else CLASSIFIER_MODULE
+    head = [classifier] if train_classifier else None
     if method in VPT_METHODS:
         from peft import get_peft_model
 
@@ -129,15 +141,23 @@ def prepare_model(
         config = LoraConfig(
             r=lora_rank,
             lora_alpha=lora_alpha,
-            target_modules=LORA_TARGET_MODULES,
+            target_modules=VOLUME_LORA_TARGET_MODULES if volume else LORA_TARGET_MODULES,
             modules_to_save=head,
         )
         return get_peft_model(base, config)
     if method == "decoder":
-        return _train_only(base, (DECODER_MODULE,))
+        return _train_only(base, tuple(decoder_modules(base)))
     if method == "classifier":
-        return _train_only(base, (CLASSIFIER_MODULE,))
+        return _train_only(base, (classifier,))
     return base.requires_grad_(True)
+
+
+def decoder_modules(model: nn.Module) -> list[str]:
+    """The decode head: `decode_head` of an UperNet, or everything outside the transformer encoder of a 3D model
+    (UNETR's and Swin UNETR's convolutional encoder-decoder branches and output conv)."""
+    if not is_volume_model(model):
+        return [DECODER_MODULE]
+    return [name for name, _ in model.named_children() if name not in VOLUME_ENCODERS]
 
 
 def uses_gradient_checkpointing(method: str, gradient_checkpointing: bool | None = None) -> bool:
@@ -157,6 +177,11 @@ def enable_gradient_checkpointing(model: nn.Module) -> list[str]:
     Uses each model's own support (`PreTrainedModel.activation_checkpointing_enable`, non-reentrant): the outermost
     submodels that support it, for example the backbone of an UperNet (the head itself does not) or a whole SegFormer.
     """
+    if is_volume_model(model):
+        raise ValueError(
+            "Activation checkpointing is not available for MONAI's 3D models here: train them with "
+            "--gradient_checkpointing false (the default for 3D bases)."
+        )
     enabled: list[str] = []
     for name, module in model.named_modules():
         if any(name == done or name.startswith(done + ".") or done == "" for done in enabled):
@@ -170,7 +195,18 @@ def enable_gradient_checkpointing(model: nn.Module) -> list[str]:
 
 
 def head_norm_modules(model: nn.Module) -> list[str]:
-    """Names of the BatchNorm layers of the decode head (trained and saved per center by `vpt-deep-norms`)."""
+    """Names of the norm layers of the decode head, trained and saved per center by `vpt-deep-norms`: the BatchNorms
+    of an UperNet head (affine and running statistics), or the affine InstanceNorms of a 3D decoder (a per-center
+    scale and shift of each decoder feature; the named 3D configs have them)."""
+    if is_volume_model(model):
+        prefixes = tuple(name + "." for name in decoder_modules(model))
+        return [
+            name
+            for name, module in model.named_modules()
+            if name.startswith(prefixes)
+            and isinstance(module, nn.modules.instancenorm._InstanceNorm)
+            and module.affine
+        ]
     return [
         name
         for name, module in model.named_modules()

@@ -17,10 +17,11 @@ SUPPORTED_BLOCK_CLASSES = (
     "DINOv3ViTLayer",
     "DPTViTLayer",
     "BeitLayer",
+    "TransformerBlock",  # MONAI's ViT blocks: UNETR, ViT
 )
 SUPPORTED_MODELS = (
     "UperNetForSemanticSegmentation with Dinov2Backbone, Dinov2WithRegistersBackbone, DINOv3ViTBackbone or "
-    "BeitBackbone; DPTForSemanticSegmentation; BeitForSemanticSegmentation"
+    "BeitBackbone; DPTForSemanticSegmentation; BeitForSemanticSegmentation; MONAI's UNETR (2D or 3D)"
 )
 
 
@@ -29,8 +30,9 @@ class KeyValueBlock:
     """Where key/value prompts go in a block: its attention child, the norm before it, and the attention layout.
 
     `layout` is `"global"` (every token attends to every token), `"rotary"` (global, with RoPE on the patch tokens:
-    DINOv3), `"reduced"` (SegFormer: keys/values come from a spatially reduced sequence) or `"windowed"` (Swin:
-    attention within windows of window_size² tokens).
+    DINOv3), `"reduced"` (SegFormer: keys/values come from a spatially reduced sequence), `"windowed"` (Swin:
+    attention within windows of window_size² tokens) or `"monai_windowed"` (MONAI's Swin UNETR: windows of
+    window_size³ voxels in 3D, one fused qkv projection).
     """
 
     attention: str
@@ -48,6 +50,7 @@ KEY_VALUE_BLOCKS = {
     "Dinov2Layer": KeyValueBlock(attention="attention", norm="norm1", layout="global"),
     "Dinov2WithRegistersLayer": KeyValueBlock(attention="attention", norm="norm1", layout="global"),
     "DINOv3ViTLayer": KeyValueBlock(attention="attention", norm="norm1", layout="rotary"),
+    "SwinTransformerBlock": KeyValueBlock(attention="attn", norm="norm1", layout="monai_windowed"),
 }
 # Token-level blocks whose deep prompts run as keys/values of their attention (`DeepKeyValuePromptLayer`): plain
 # pre-norm ViT blocks whose attention takes no position bias sized to the sequence. DPT and BEiT keep the token path.
@@ -55,7 +58,7 @@ DEEP_KEY_VALUE_BLOCKS = {name: spec for name, spec in KEY_VALUE_BLOCKS.items() i
 SUPPORTED_KEY_VALUE_BLOCK_CLASSES = tuple(KEY_VALUE_BLOCKS)
 SUPPORTED_KEY_VALUE_MODELS = (
     "SegformerForSemanticSegmentation (every MiT size); UperNetForSemanticSegmentation with SwinBackbone, "
-    "Dinov2Backbone, Dinov2WithRegistersBackbone or DINOv3ViTBackbone"
+    "Dinov2Backbone, Dinov2WithRegistersBackbone or DINOv3ViTBackbone; MONAI's SwinUNETR (2D or 3D)"
 )
 
 
@@ -107,41 +110,90 @@ def find_blocks(
 
 
 def encoder_config(model: nn.Module, block_name: str):
-    """The config of the closest `PreTrainedModel` that owns the block (the encoder's config, not the head's)."""
+    """The config of the closest `PreTrainedModel` that owns the block (the encoder's config, not the head's), or
+    None for a model outside transformers (MONAI)."""
     owner_config = getattr(model, "config", None)
+    if not isinstance(model, PreTrainedModel) and not hasattr(owner_config, "model_type"):
+        owner_config = None
     parts = block_name.split(".")
     module = model
     for part in parts[:-1]:
         module = getattr(module, part)
         if isinstance(module, PreTrainedModel):
             owner_config = module.config
-    if owner_config is None:
-        raise ValueError(f"Could not find the config of the encoder that holds {block_name}.")
     return owner_config
+
+
+def is_monai_model(model: nn.Module) -> bool:
+    """Whether `model` is (a subclass of) a MONAI network."""
+    return any(cls.__module__.startswith("monai.") for cls in type(model).__mro__)
+
+
+def base_model_type(model: nn.Module) -> str:
+    """What an adapter records as the kind of its base: transformers' `model_type`, or the MONAI network's class
+    name (`UNETR`, `SwinUNETR`), the same for MONAI's class and a subclass of it (such as a Hub-mixin wrapper)."""
+    top_config = getattr(model, "config", None)
+    model_type = getattr(top_config, "model_type", None)
+    if model_type:
+        return model_type
+    for cls in type(model).__mro__:
+        if cls.__module__.startswith("monai."):
+            return cls.__name__
+    return type(model).__name__
+
+
+def _encoder_geometry(model: nn.Module, blocks: list[tuple[str, nn.Module]]) -> tuple[str, int, int]:
+    """(encoder type, patch size, prefix tokens) of the encoder that holds `blocks`."""
+    config = encoder_config(model, blocks[0][0])
+    if config is not None:
+        patch_size = getattr(config, "patch_sizes", None) or config.patch_size  # SegFormer: one per stage
+        while isinstance(patch_size, (tuple, list)):
+            patch_size = patch_size[0]
+        return config.model_type, int(patch_size), 1 + int(getattr(config, "num_register_tokens", 0) or 0)
+    if not is_monai_model(model):
+        raise ValueError(f"Could not find the config of the encoder that holds {blocks[0][0]}.")
+    # MONAI: UNETR and SwinUNETR keep `patch_size` on the network or its patch embedding; a ViT prepends a CLS token
+    # only when built for classification.
+    patch_size = next(
+        (m.patch_size for m in model.modules() if isinstance(getattr(m, "patch_size", None), (int, tuple, list))),
+        None,
+    )
+    if patch_size is None:
+        raise ValueError(f"{type(model).__name__}: no patch_size on the network or its patch embedding.")
+    while isinstance(patch_size, (tuple, list)):
+        patch_size = patch_size[0]
+    encoder_name = blocks[0][0].split(".")[0]
+    num_prefix_tokens = int(hasattr(getattr(model, encoder_name, model), "cls_token"))
+    return f"monai.{type(getattr(model, encoder_name, model)).__name__}", int(patch_size), num_prefix_tokens
+
+
+def attention_width(attention: nn.Module) -> int:
+    """The width of an attention module's input: its key projection's (transformers) or fused qkv's (MONAI)."""
+    projection = attention.k_proj if hasattr(attention, "k_proj") else attention.qkv
+    return int(projection.in_features)
 
 
 def describe_base(model: nn.Module, block_class: str, blocks: list[tuple[str, nn.Module]]) -> dict:
     """What an adapter records about the base it was made for."""
-    config = encoder_config(model, blocks[0][0])
-    patch_size = config.patch_size[0] if isinstance(config.patch_size, (tuple, list)) else config.patch_size
-    num_prefix_tokens = 1 + int(getattr(config, "num_register_tokens", 0) or 0)
-    top_config = getattr(model, "config", None)
-    base_model_type = getattr(top_config, "model_type", None) or type(model).__name__
+    encoder_type, patch_size, num_prefix_tokens = _encoder_geometry(model, blocks)
+    model_type = base_model_type(model)
     # The block's own weights only: prompts already injected for other centers are not part of the base.
     block_shapes = [
         [(n, list(p.shape)) for n, p in block.named_parameters() if not n.startswith("visual_prompt.")]
         for _, block in blocks
     ]
-    signature = json.dumps(
-        [base_model_type, config.model_type, block_class, num_prefix_tokens, block_shapes], sort_keys=True
-    )
+    hidden_size = int(blocks[0][1].norm1.normalized_shape[0]) if hasattr(blocks[0][1], "norm1") else None
+    config = encoder_config(model, blocks[0][0])
+    if config is not None:
+        hidden_size = int(config.hidden_size)
+    signature = json.dumps([model_type, encoder_type, block_class, num_prefix_tokens, block_shapes], sort_keys=True)
     return {
         "block_class": block_class,
-        "hidden_size": int(config.hidden_size),
+        "hidden_size": hidden_size,
         "num_blocks": len(blocks),
         "num_prefix_tokens": num_prefix_tokens,
-        "patch_size": int(patch_size),
-        "base_model_type": base_model_type,
+        "patch_size": patch_size,
+        "base_model_type": model_type,
         "base_fingerprint": hashlib.sha256(signature.encode()).hexdigest()[:16],
     }
 
@@ -153,27 +205,21 @@ def describe_key_value_base(model: nn.Module, block_class: str, blocks: list[tup
     block's own width is in the fingerprint). Key/value prompts have no position in the token sequence, so
     `num_prefix_tokens` is 0.
     """
-    config = encoder_config(model, blocks[0][0])
+    encoder_type, patch_size, _ = _encoder_geometry(model, blocks)
     attention_name = KEY_VALUE_BLOCKS[block_class].attention
-    widths = [getattr(block, attention_name).k_proj.in_features for _, block in blocks]
-    patch_size = getattr(config, "patch_sizes", None) or config.patch_size  # SegFormer: one per stage
-    while isinstance(patch_size, (tuple, list)):
-        patch_size = patch_size[0]
-    top_config = getattr(model, "config", None)
-    base_model_type = getattr(top_config, "model_type", None) or type(model).__name__
+    widths = [attention_width(getattr(block, attention_name)) for _, block in blocks]
+    model_type = base_model_type(model)
     # The block's own weights only: prompts already injected for other centers are not part of the base.
     block_shapes = [
         [(n, list(p.shape)) for n, p in block.named_parameters() if "visual_prompt." not in n] for _, block in blocks
     ]
-    signature = json.dumps(
-        [base_model_type, config.model_type, block_class, "key_value", block_shapes], sort_keys=True
-    )
+    signature = json.dumps([model_type, encoder_type, block_class, "key_value", block_shapes], sort_keys=True)
     return {
         "block_class": block_class,
         "hidden_size": max(widths),
         "num_blocks": len(blocks),
         "num_prefix_tokens": 0,
-        "patch_size": int(patch_size),
-        "base_model_type": base_model_type,
+        "patch_size": patch_size,
+        "base_model_type": model_type,
         "base_fingerprint": hashlib.sha256(signature.encode()).hexdigest()[:16],
     }

@@ -37,13 +37,14 @@ class VisualPromptConfig(PeftConfig):
         num_virtual_tokens (`int`):
             Number of prompt tokens per prompted block (deep) or in total (shallow).
         prompt_mode (`"tokens"` or `"key_value"`):
-            `"tokens"`: prompts join the token sequence of the blocks (plain ViTs: DINOv2, DINOv3, BEiT, DPT).
+            `"tokens"`: prompts join the token sequence of the blocks (plain ViTs: DINOv2, DINOv3, BEiT, DPT, and the
+            ViT of MONAI's UNETR, 2D or 3D).
             `"key_value"`: prompts join the keys and values of every prompted attention layer (SegFormer, Swin, and
             DINOv2 where it equals token-level deep VPT). SegFormer: the prompts join the spatially reduced key/value
             sequence, normalised by the LayerNorm that feeds the key/value projections (the reduction's LayerNorm;
-            the block's LayerNorm in stages without reduction), one set per block at that stage's width. Swin: one
-            set per block, shared by every window, with no relative position bias and never masked by the shifted
-            windows. Key/value prompts are deep only (`deep=True`): they produce no outputs to carry.
+            the block's LayerNorm in stages without reduction), one set per block at that stage's width. Swin (and
+            MONAI's Swin UNETR, whose windows are window_size³ voxels in 3D): one set per block, shared by every
+            window, with no relative position bias and never masked by the shifted windows. Key/value prompts are deep only (`deep=True`): they produce no outputs to carry.
         deep (`bool`):
             Deep VPT (`True`): fresh prompts are inserted before every chosen block and their outputs are dropped
             after it. Shallow VPT (`False`): prompts are inserted once, before the first chosen block, and carried
@@ -64,8 +65,10 @@ class VisualPromptConfig(PeftConfig):
             `up` starting at zero), trained and saved with the prompts and routed per sample like them. 0: none.
             Prompts adapt the encoder; on real center pairs much of what full fine-tuning changes sits in the head.
         head_modules (`list[str]`, *optional*):
-            Regular expressions (full match) of the `Conv2d` modules that get the head update. `None`: every `Conv2d`
-            under `decode_head` except those in `modules_to_save` (such as the classifier, trained whole).
+            Regular expressions (full match) of the `Conv2d`/`Conv3d` modules that get the head update. `None`: every
+            conv of the decode head except those in `modules_to_save` (such as the classifier, trained whole): under
+            `decode_head` in transformers' models, outside the transformer (`vit`, `swinViT`) in MONAI's UNETR and
+            Swin UNETR.
         modules_to_save (`list[str]`, *optional*):
             Modules trained and saved with the prompts, for example `["decode_head.classifier"]` (the last classifier
             of an UperNet head). Name a leaf `Conv2d`/`Linear` so that mixed-center batches can route it per sample.
@@ -96,7 +99,7 @@ class VisualPromptConfig(PeftConfig):
         default=0, metadata={"help": "Rank of the per-center low-rank 1x1 update of the decode head's convolutions."}
     )
     head_modules: list[str] | None = field(
-        default=None, metadata={"help": "Regexes of the head Conv2d modules to update; None: all under decode_head."}
+        default=None, metadata={"help": "Regexes of the head conv modules to update; None: every decode-head conv."}
     )
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained and saved with the prompts, e.g. ['decode_head.classifier']."}

@@ -1,4 +1,5 @@
-"""The head update layer: a per-center low-rank 1x1 update of a decode-head convolution, next to the prompts.
+"""The head update layer: a per-center low-rank 1x1 (1x1x1 in 3D) update of a decode-head convolution, next to the
+prompts.
 
 Prompts adapt what the encoder computes; on real center pairs much of the adaptation that full fine-tuning finds
 sits in the decode head (README, "What we measured"). `head_rank > 0` gives each center, in the same adapter, a
@@ -25,8 +26,9 @@ class HeadUpdateLayer(nn.Module, BaseTunerLayer):
     adapter_layer_names = ("vpt_down", "vpt_up")
     other_param_names = ()
 
-    def __init__(self, conv: nn.Conv2d) -> None:
+    def __init__(self, conv: nn.Conv2d | nn.Conv3d) -> None:
         super().__init__()
+        self.conv_class = nn.Conv3d if isinstance(conv, nn.Conv3d) else nn.Conv2d
         self.vpt_down = nn.ModuleDict({})
         self.vpt_up = nn.ModuleDict({})
         self.in_channels, self.out_channels, self.stride = conv.in_channels, conv.out_channels, conv.stride
@@ -39,9 +41,9 @@ class HeadUpdateLayer(nn.Module, BaseTunerLayer):
 
     def update_layer(self, adapter_name: str, rank: int) -> None:
         """Add an adapter's update of rank `rank` (`up` starts at zero: the adapter starts as the base)."""
-        down = nn.Conv2d(self.in_channels, rank, 1, stride=self.stride, bias=False)
+        down = self.conv_class(self.in_channels, rank, 1, stride=self.stride, bias=False)
         nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))  # as LoRA's A
-        up = nn.Conv2d(rank, self.out_channels, 1, bias=False)
+        up = self.conv_class(rank, self.out_channels, 1, bias=False)
         nn.init.zeros_(up.weight)
         self.vpt_down[adapter_name] = down
         self.vpt_up[adapter_name] = up

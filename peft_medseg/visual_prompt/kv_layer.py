@@ -1,4 +1,4 @@
-"""Key/value prompts: deep VPT inside attention, for encoders whose blocks reshape tokens (SegFormer, Swin).
+"""Key/value prompts: deep VPT inside attention, for encoders whose blocks reshape tokens (SegFormer, Swin, Swin UNETR).
 
 Deep VPT's prompts reach the patch tokens only through attention: they enter a block as extra tokens, the block's
 norm and key/value projections turn them into keys and values, and their own outputs are thrown away. So the same
@@ -179,7 +179,8 @@ def attend_with_prompts(
     layout_forward = LAYOUT_FORWARDS[rows.layout]
     keys, values = _prompt_keys_values(attention, rows, windows_per_image, hidden_states.dtype)
     if all(name is not None for name in rows.image_adapters):
-        return layout_forward(attention, hidden_states, keys, values, *args, **kwargs)
+        output, weights = layout_forward(attention, hidden_states, keys, values, *args, **kwargs)
+        return output if rows.layout in TENSOR_OUTPUT_LAYOUTS else (output, weights)
 
     row_adapters = [name for name in rows.image_adapters for _ in range(windows_per_image)]
     prompted_index = torch.tensor([i for i, n in enumerate(row_adapters) if n is not None], device=keys.device)
@@ -187,7 +188,9 @@ def attend_with_prompts(
     p_args, p_kwargs = _select_rows(args, kwargs, prompted_index, num_rows)
     output_p, weights_p = layout_forward(attention, hidden_states[prompted_index], keys, values, *p_args, **p_kwargs)
     n_args, n_kwargs = _select_rows(args, kwargs, plain_index, num_rows)
-    output_n, weights_n = attention_forward(attention, hidden_states[plain_index], *n_args, **n_kwargs)
+    output_n = attention_forward(attention, hidden_states[plain_index], *n_args, **n_kwargs)
+    # transformers' attention returns (output, weights); MONAI's the output alone.
+    output_n, weights_n = output_n if isinstance(output_n, tuple) else (output_n, None)
     order = torch.argsort(torch.cat([prompted_index, plain_index]))
     output = torch.cat([output_p, output_n])[order]
     weights = None
@@ -195,7 +198,7 @@ def attend_with_prompts(
         # Plain rows give no weight to the prompt keys (the last columns).
         weights_n = nn.functional.pad(weights_n, (0, keys.shape[2]))
         weights = torch.cat([weights_p, weights_n])[order]
-    return output, weights
+    return output if rows.layout in TENSOR_OUTPUT_LAYOUTS else (output, weights)
 
 
 def _prompt_keys_values(
@@ -203,9 +206,22 @@ def _prompt_keys_values(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values of the prompts, (prompted rows, heads, num_virtual_tokens, head_dim)."""
     tokens = rows.norm(rows.prompts.to(dtype))
-    shape = (*tokens.shape[:-1], -1, attention.head_dim)
-    keys = attention.k_proj(tokens).view(shape).transpose(1, 2)
-    values = attention.v_proj(tokens).view(shape).transpose(1, 2)
+    if hasattr(attention, "k_proj"):
+        shape = (*tokens.shape[:-1], -1, attention.head_dim)
+        keys = attention.k_proj(tokens).view(shape).transpose(1, 2)
+        values = attention.v_proj(tokens).view(shape).transpose(1, 2)
+    else:
+        # MONAI: one fused projection, rows [q; k; v] of its weight.
+        width = tokens.shape[-1]
+        weight, bias = attention.qkv.weight, attention.qkv.bias
+        shape = (*tokens.shape[:-1], attention.num_heads, width // attention.num_heads)
+
+        def project(part: int) -> torch.Tensor:
+            rows_ = slice(part * width, (part + 1) * width)
+            projected = nn.functional.linear(tokens, weight[rows_], None if bias is None else bias[rows_])
+            return projected.view(shape).transpose(1, 2)
+
+        keys, values = project(1), project(2)
     num_rows = rows.source.numel() * windows_per_image
     if keys.shape[0] == 1:
         # One prompt set: a broadcast view, not one copy per row (the concatenation with the keys copies once anyway).
@@ -260,12 +276,38 @@ def _windowed_attention(attention, hidden_states, prompt_keys, prompt_values, at
     return _attend(attention, hidden_states, query, key, value, prompt_keys, prompt_values, mask, kwargs)
 
 
+def _monai_windowed_attention(attention, hidden_states, prompt_keys, prompt_values, mask=None):
+    """MONAI's Swin UNETR `WindowAttention` (2D or 3D windows, fused qkv, eager softmax), with the prompts' keys and
+    values appended: they get no relative position bias and are never masked by the shifted windows. Returns
+    (output, None) like the other layouts; `attend_with_prompts` hands MONAI the output alone."""
+    b, n, c = hidden_states.shape
+    qkv = attention.qkv(hidden_states).reshape(b, n, 3, attention.num_heads, c // attention.num_heads)
+    query, key, value = qkv.permute(2, 0, 3, 1, 4)
+    bias = attention.relative_position_bias_table[attention.relative_position_index.clone()[:n, :n].reshape(-1)]
+    bias = bias.reshape(n, n, -1).permute(2, 0, 1).contiguous()  # (heads, n, n)
+    num_prompts = prompt_keys.shape[2]
+    key = torch.cat([key, prompt_keys], dim=2)
+    value = torch.cat([value, prompt_values], dim=2)
+    scores = (query * attention.scale) @ key.transpose(-2, -1)  # (b, heads, n, n + prompts)
+    additive = nn.functional.pad(bias, (0, num_prompts)).unsqueeze(0)
+    if mask is not None:
+        # The shifted-window mask (nW, n, n) repeats for every image: rows are batch-major windows.
+        num_windows = mask.shape[0]
+        additive = additive + nn.functional.pad(mask, (0, num_prompts)).unsqueeze(1).repeat(b // num_windows, 1, 1, 1)
+    weights = attention.attn_drop(attention.softmax(scores + additive)).to(value.dtype)
+    output = (weights @ value).transpose(1, 2).reshape(b, n, c)
+    return attention.proj_drop(attention.proj(output)), None
+
+
 LAYOUT_FORWARDS = {
     "global": _global_attention,
     "rotary": _rotary_attention,
     "reduced": _reduced_attention,
     "windowed": _windowed_attention,
+    "monai_windowed": _monai_windowed_attention,
 }
+# Layouts whose attention module returns its output alone (MONAI), not (output, weights) (transformers).
+TENSOR_OUTPUT_LAYOUTS = ("monai_windowed",)
 
 
 def _project(attention, hidden_states, kv_states):

@@ -13,7 +13,14 @@ from peft.tuners.tuners_utils import BaseTuner, _get_submodules
 from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from torch import nn
 
-from .architectures import DEEP_KEY_VALUE_BLOCKS, describe_base, describe_key_value_base, find_blocks
+from .architectures import (
+    DEEP_KEY_VALUE_BLOCKS,
+    attention_width,
+    describe_base,
+    describe_key_value_base,
+    find_blocks,
+    is_monai_model,
+)
 from .config import VisualPromptConfig
 from .head_layer import HeadUpdateLayer
 from .kv_layer import DeepKeyValuePromptLayer, KeyValuePromptLayer, key_value_targets
@@ -126,7 +133,7 @@ class VisualPromptModel(BaseTuner):
                 layer = KeyValuePromptLayer(target, norm, layout)
                 target.visual_prompt = layer
                 layer.set_adapter(self.active_adapters)
-            layer.update_layer(adapter_name, peft_config, "insert", target.k_proj.in_features)
+            layer.update_layer(adapter_name, peft_config, "insert", attention_width(target))
         else:
             if layer is None:
                 spec = DEEP_KEY_VALUE_BLOCKS.get(type(target).__name__)
@@ -277,29 +284,33 @@ class VisualPromptModel(BaseTuner):
 
 
 def head_update_targets(model: nn.Module, config: VisualPromptConfig) -> list[str]:
-    """Names of the `Conv2d` modules that get a head update (`config.head_rank > 0`), checked before injection."""
+    """Names of the `Conv2d`/`Conv3d` modules that get a head update (`config.head_rank > 0`), checked before
+    injection. By default: every conv of the decode head, which is `decode_head` in transformers' models and, in
+    MONAI's UNETR and Swin UNETR, everything outside the transformer encoder (`vit`, `swinViT`)."""
     saved = tuple(config.modules_to_save or ())
     # The base's own convs: not the updates of adapters loaded before, nor peft's copies of modules_to_save.
     names = [
         name
         for name, module in model.named_modules()
-        if isinstance(module, nn.Conv2d)
+        if isinstance(module, (nn.Conv2d, nn.Conv3d))
         and not any(part in name.split(".") for part in ("head_update", "modules_to_save", "original_module"))
     ]
     if config.head_modules is None:
-        chosen = [
-            n
-            for n in names
-            if n.startswith("decode_head.") and not any(n == s or n.startswith(s + ".") for s in saved)
-        ]
+        if is_monai_model(model):
+            _, blocks = find_blocks(model, config.target_modules, config.prompt_mode)
+            encoder = blocks[0][0].split(".")[0] + "."
+            in_head = [n for n in names if not n.startswith(encoder)]
+        else:
+            in_head = [n for n in names if n.startswith("decode_head.")]
+        chosen = [n for n in in_head if not any(n == s or n.startswith(s + ".") for s in saved)]
     else:
         chosen = [n for n in names if any(re.fullmatch(pattern, n) for pattern in config.head_modules)]
     clash = [n for n in chosen if any(n == s or n.startswith(s + ".") for s in saved)]
     if clash:
         raise ValueError(f"head_modules {clash} are also in modules_to_save: a module is updated or copied, not both.")
     if not chosen:
-        where = config.head_modules or "decode_head (outside modules_to_save)"
-        raise ValueError(f"head_rank={config.head_rank}, but {where} matches no Conv2d module of the base.")
+        where = config.head_modules or "the decode head (outside modules_to_save)"
+        raise ValueError(f"head_rank={config.head_rank}, but {where} matches no Conv2d/Conv3d module of the base.")
     return chosen
 
 
@@ -378,4 +389,8 @@ def check_base_compatible(
 def _describe(model: nn.Module, config: VisualPromptConfig, block_class: str, blocks) -> dict:
     describe = describe_key_value_base if config.prompt_mode == "key_value" else describe_base
     num_labels = getattr(getattr(model, "config", None), "num_labels", None)
+    if num_labels is None and is_monai_model(model):
+        # MONAI's UNETR and Swin UNETR end in `out`, a UnetOutBlock whose 1x1 conv gives one channel per class.
+        convs = [m for m in getattr(model, "out", nn.Identity()).modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))]
+        num_labels = convs[-1].out_channels if convs else None
     return {"num_labels": num_labels, **describe(model, block_class, blocks)}

@@ -1,0 +1,238 @@
+"""3D data and the 3D pipeline: NIfTI cases, MONAI transforms, sliding-window scoring, recipes end to end."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel
+import numpy as np
+import pytest
+import torch
+
+from peft_medseg.data import load_multicenter_dataset
+from peft_medseg.data.validation import DataValidationError
+from peft_medseg.data.volumes import VolumeTransform, find_volume_cases, group_channel_files, load_volume_dataset
+from peft_medseg.models3d import UNETR3D, VolumePreprocessing
+from peft_medseg.scoring import evaluate_segmentation, predict
+
+ROOT = Path(__file__).resolve().parents[1]
+AFFINE = np.array([[1.5, 0, 0, -30], [0, 1.5, 0, -20], [0, 0, 2.0, -10], [0, 0, 0, 1]])
+
+
+def write_case(folder: Path, center: str, case: str, shape=(40, 36, 32), seed=0, split_channels=False, affine=AFFINE):
+    """A two-channel case with a bright blob (label 1) and a small one (label 2)."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(shape, dtype=np.uint8)
+    c = [s // 2 + rng.integers(-4, 5) for s in shape]
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"))
+    labels[((grid - np.array(c)[:, None, None, None]) ** 2).sum(0) < 36] = 1
+    labels[((grid - (np.array(c) + 9)[:, None, None, None]) ** 2).sum(0) < 4] = 2
+    image = np.stack(
+        [rng.normal(100, 10, shape) + 80 * (labels > 0), rng.normal(1, 0.2, shape) + 3 * (labels > 0)], -1
+    )
+    (folder / center / "images").mkdir(parents=True, exist_ok=True)
+    (folder / center / "labels").mkdir(parents=True, exist_ok=True)
+    if split_channels:
+        for channel in range(2):
+            path = folder / center / "images" / f"{case}_{channel:04d}.nii.gz"
+            nibabel.save(nibabel.Nifti1Image(image[..., channel].astype(np.float32), affine), path)
+    else:
+        nibabel.save(
+            nibabel.Nifti1Image(image.astype(np.float32), affine), folder / center / "images" / f"{case}.nii.gz"
+        )
+    nibabel.save(nibabel.Nifti1Image(labels, affine), folder / center / "labels" / f"{case}.nii.gz")
+    return image, labels
+
+
+@pytest.fixture(scope="module")
+def volume_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("volumes")
+    for center_index, center in enumerate(["site_a", "site_b"]):
+        for case in range(5):
+            write_case(root, center, f"case{case}", seed=10 * center_index + case, split_channels=center == "site_b")
+    return root
+
+
+def test_cases_are_found_with_4d_and_channel_files_and_split_by_case(volume_root):
+    rows = find_volume_cases(volume_root)
+    assert len(rows) == 10
+    by_center = {r["center"]: r for r in rows}
+    assert len(by_center["site_a"]["image"]) == 1 and len(by_center["site_b"]["image"]) == 2
+    assert by_center["site_b"]["image"][1].endswith("_0001.nii.gz")
+    data, labels = load_volume_dataset(volume_root)
+    assert labels == [0, 1, 2]
+    assert len(data["train"]) + len(data["test"]) == 10
+    train_cases = set(zip(data["train"]["center"], data["train"]["case_id"]))
+    assert train_cases and not train_cases & set(zip(data["test"]["center"], data["test"]["case_id"]))
+    via_entry, id2label = load_multicenter_dataset(str(volume_root), volumes=True)
+    assert id2label == {0: "0", 1: "1", 2: "2"} and len(via_entry["train"]) == len(data["train"])
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("missing_label", "missing label"),
+        ("shape", "expected the label's shape"),
+        ("affine", "affine differs"),
+        ("label_value", "label"),
+        ("channel_gap", "without a gap"),
+    ],
+)
+def test_bad_volume_folders_are_refused_naming_the_file(tmp_path, damage, message):
+    write_case(tmp_path, "site", "ok", seed=1)
+    write_case(tmp_path, "site", "bad", seed=2, split_channels=damage == "channel_gap")
+    images, labels = tmp_path / "site" / "images", tmp_path / "site" / "labels"
+    if damage == "missing_label":
+        (labels / "bad.nii.gz").unlink()
+    elif damage == "shape":
+        nibabel.save(nibabel.Nifti1Image(np.zeros((8, 8, 8), np.uint8), AFFINE), labels / "bad.nii.gz")
+    elif damage == "affine":
+        nibabel.save(nibabel.Nifti1Image(np.zeros((40, 36, 32), np.uint8), AFFINE * 2), labels / "bad.nii.gz")
+    elif damage == "label_value":
+        nibabel.save(nibabel.Nifti1Image(np.full((40, 36, 32), 7, np.uint8), AFFINE), labels / "bad.nii.gz")
+    elif damage == "channel_gap":
+        (images / "bad_0001.nii.gz").rename(images / "bad_0002.nii.gz")
+    with pytest.raises(DataValidationError, match=message) as error:
+        find_volume_cases(tmp_path, num_labels=3)
+    assert "bad" in str(error.value)
+
+
+def test_channel_files_group_in_order():
+    cases = group_channel_files([Path("a/x_0001.nii.gz"), Path("a/x_0000.nii.gz"), Path("a/y.nii"), Path("a/z.png")])
+    assert cases == [("y", [Path("a/y.nii")]), ("x", [Path("a/x_0000.nii.gz"), Path("a/x_0001.nii.gz")])]
+
+
+def test_volume_transform_crops_training_patches_and_keeps_whole_volumes_for_evaluation(volume_root):
+    data, _ = load_volume_dataset(volume_root)
+    preprocessing = VolumePreprocessing(roi_size=(32, 32, 32), num_channels=2, positive_fraction=1.0)
+    train = data["train"].with_transform(VolumeTransform(preprocessing, train=True, seed=0))
+    example = train[0]
+    assert example["pixel_values"].shape == (2, 32, 32, 32) and example["labels"].dtype == torch.int64
+    assert (example["labels"] > 0).any()  # positive_fraction=1: every crop is centred on foreground
+    again = data["train"].with_transform(VolumeTransform(preprocessing, train=True, seed=0))[0]
+    assert torch.equal(example["pixel_values"], again["pixel_values"])  # seeded per case and epoch
+    evaluation = data["test"].with_transform(VolumeTransform(preprocessing, train=False))[0]
+    assert evaluation["pixel_values"].shape == (2, 40, 36, 32)
+    assert evaluation["spacing"] == [1.5, 1.5, 2.0]
+    # Per-channel z-score.
+    means = evaluation["pixel_values"].mean(dim=(1, 2, 3))
+    assert torch.allclose(means, torch.zeros(2), atol=1e-4)
+
+
+def small_unetr(img=32, seed=0):
+    torch.manual_seed(seed)
+    return UNETR3D(
+        in_channels=2, out_channels=3, img_size=(img,) * 3, feature_size=4, hidden_size=32, mlp_dim=64, num_heads=2
+    ).eval()
+
+
+def test_sliding_window_prediction_agrees_with_direct_forwards():
+    model = small_unetr()
+    with torch.no_grad():
+        x = torch.randn(1, 2, 32, 32, 32)
+        # The volume is the patch: one window, the direct forward exactly.
+        assert torch.equal(predict(model, x), model(x).argmax(1))
+        # A 64 x 32 x 64 volume without overlap: four windows, each the direct forward of its block.
+        big = torch.randn(1, 2, 64, 32, 64)
+        tiled = predict(model, big, overlap=0.0)
+        for i in (0, 32):
+            for k in (0, 32):
+                block = big[:, :, i : i + 32, :, k : k + 32]
+                assert torch.equal(tiled[:, i : i + 32, :, k : k + 32], model(block).argmax(1))
+
+
+def test_volume_scores_dice_by_hand_and_hd95_in_millimetres(volume_root):
+    data, _ = load_volume_dataset(volume_root, centers=["site_a"])
+    test = data["test"].with_transform(VolumeTransform(VolumePreprocessing(roi_size=(32, 32, 32)), train=False))
+
+    # Score one reference against itself shifted by one voxel: Dice and HD95 by hand.
+    reference = test[0]["labels"].numpy()
+    shifted = np.roll(reference, 1, axis=0)
+    from peft_medseg.metrics import dice_per_class, hd95
+
+    dice = dice_per_class(shifted, reference, 3)
+    for label in (1, 2):
+        a, b = shifted == label, reference == label
+        assert dice[label] == pytest.approx(2 * (a & b).sum() / (a.sum() + b.sum()))
+    assert hd95(shifted, reference, 3, spacing=[1.5, 1.5, 2.0])[1] == pytest.approx(1.5)
+    # The pipeline: a UNETR scored on whole volumes; HD95 is in mm, and absent classes are listed, not averaged.
+    scores = evaluate_segmentation(small_unetr(), test, num_labels=3)
+    assert set(scores) == {"site_a"} and 0.0 <= scores["site_a"]["dice"] <= 1.0
+
+
+@pytest.mark.slow
+def test_3d_recipes_pretrain_finetune_and_predict_end_to_end(volume_root, tmp_path):
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    common = ["--dataset", str(volume_root), "--max_train_steps", "2", "--batch_size", "1", "--num_epochs", "1"]
+
+    def run(*args):
+        result = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=ROOT)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    base_spec = tmp_path / "base"
+    run("recipes/pretrain_base.py", "--base", "unetr-tiny", "--output_dir", str(base_spec), *common)
+    preprocessing = json.loads((base_spec / "volume_preprocessing.json").read_text())
+    assert preprocessing["roi_size"] == [64, 64, 64] and preprocessing["num_channels"] == 2
+    adapter = tmp_path / "adapter"
+    run(
+        "recipes/finetune_center.py",
+        "--base_model",
+        str(base_spec),
+        "--method",
+        "vpt-deep-norms",
+        "--new_center",
+        "site_b",
+        "--output_dir",
+        str(adapter),
+        *common,
+    )
+    evaluation = json.loads((adapter / "evaluation.json").read_text())
+    assert set(evaluation["metrics"]) == {"site_a", "site_b"}
+    assert (adapter / "adapter_model.safetensors").stat().st_size < 200_000
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_type"] == "UNETR" and config["block_class"] == "TransformerBlock"
+    # Masks for a NIfTI scan, in its own geometry (shape and affine), through the adapter.
+    out = tmp_path / "masks"
+    scan = volume_root / "site_b" / "images"
+    run(
+        "recipes/predict.py",
+        "--base_model",
+        str(base_spec),
+        "--adapter",
+        str(adapter),
+        "--output_dir",
+        str(out),
+        str(scan / "case0_0000.nii.gz"),
+        str(scan / "case0_0001.nii.gz"),
+    )
+    mask = nibabel.load(next((out / "masks").glob("*.nii.gz")))
+    reference = nibabel.load(volume_root / "site_b" / "labels" / "case0.nii.gz")
+    assert mask.shape == reference.shape and np.allclose(mask.affine, reference.affine)
+    assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1, 2}
+
+
+def test_synthetic_volumes_are_deterministic_two_channel_nifti_with_small_lesions(tmp_path):
+    from peft_medseg.data import synthetic3d
+
+    root = synthetic3d.generate_synthetic_volumes(tmp_path / "s3d", seed=3, cases_per_center=1)
+    rows = find_volume_cases(root, num_labels=3)
+    assert sorted(r["center"] for r in rows) == sorted(synthetic3d.CENTERS_3D)
+    image = nibabel.load(rows[0]["image"][0])
+    size = synthetic3d.VOLUME_SIZE
+    assert image.shape == (size, size, size, 2) and image.get_data_dtype() == np.int16
+    assert np.allclose(image.header.get_zooms()[:3], synthetic3d.VOXEL_MM)
+    info = json.loads((root / "info.json").read_text())
+    assert info["id2label"] == {"0": "background", "1": "primary_lesion", "2": "satellite_lesions"}
+    # Lesions are small: under 1% of the volume in every case.
+    for row in rows:
+        labels = np.asarray(nibabel.load(row["label"]).dataobj)
+        assert (labels > 0).mean() < 0.01
+    anatomy = synthetic3d._downsampled_anatomy()
+    profile = synthetic3d.CENTER_PROFILES_3D[0]
+    first = synthetic3d._render_case(profile, anatomy, np.random.default_rng([3, 0, 0]))
+    again = synthetic3d._render_case(profile, anatomy, np.random.default_rng([3, 0, 0]))
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    stored = np.asarray(nibabel.load(root / profile.name / "images" / f"{profile.name}_000.nii.gz").dataobj)
+    assert np.array_equal(stored, first[0])
