@@ -57,14 +57,14 @@ DEMO3D_ADAPTER := $(DEMO3D)/center-$(DEMO3D_NEW)
 
 demo3d: $(VENV)/.installed
 	$(PY) recipes/pretrain_base.py --base unetr-tiny --dataset synthetic3d --centers $(DEMO3D_CENTERS) \
-		--num_epochs 3 --batch_size 2 --learning_rate 2e-3 --output_dir $(DEMO3D)/base
+		--num_epochs 3 --batch_size 2 --learning_rate 2e-3 --validation_fraction 0.1 --output_dir $(DEMO3D)/base
 	$(PY) recipes/finetune_center.py --base_model $(DEMO3D)/base --dataset synthetic3d --new_center $(DEMO3D_NEW) \
-		--num_epochs 8 --batch_size 2 --eval_centers $(DEMO3D_NEW) --output_dir $(DEMO3D_ADAPTER)
+		--num_epochs 6 --batch_size 2 --eval_centers $(DEMO3D_NEW) --output_dir $(DEMO3D_ADAPTER)
 	$(PY) recipes/evaluate_centers.py --base_model $(DEMO3D)/base --models $(DEMO3D_ADAPTER) --dataset synthetic3d \
 		--centers $(DEMO3D_CENTERS) $(DEMO3D_NEW) --num_overlays 1 --output_dir $(DEMO3D)/eval
 	SCANS=$$($(PY) -c "from peft_medseg.data.synthetic3d import synthetic_volumes_dir as d; print(d())") && \
 	$(PY) recipes/predict.py --base_model $(DEMO3D)/base --adapter $(DEMO3D_ADAPTER) --overwrite \
-		--output_dir $(DEMO3D)/predictions "$$SCANS/$(DEMO3D_NEW)/images/$(DEMO3D_NEW)_00[01].nii.gz"
+		--output_dir $(DEMO3D)/predictions "$$SCANS/$(DEMO3D_NEW)/images/$(DEMO3D_NEW)_000.nii.gz"
 
 # The interactive app (Gradio) on the demo's base and adapter: http://127.0.0.1:7860
 app: $(VENV)/.installed
