@@ -16,7 +16,13 @@ from transformers import (
 )
 
 from .data.volumes import VolumePreprocessing
-from .models3d import DEFAULT_IN_CHANNELS, NAMED_VOLUME_CONFIGS, build_volume_model, volume_num_labels, volume_roi_size
+from .models3d import (
+    DEFAULT_IN_CHANNELS,
+    NAMED_VOLUME_CONFIGS,
+    build_volume_model,
+    named_volume_roi_size,
+    volume_num_labels,
+)
 
 # Named configs build a DINOv2-style encoder under an UperNet head from scratch, offline. `small` is ViT-S sized.
 NAMED_CONFIGS: dict[str, dict] = {
@@ -147,7 +153,7 @@ def image_processor_for(
     A 3D named config gets its `VolumePreprocessing` instead: patches of the model's size (`num_channels` input
     channels), volumes kept at their own voxel size."""
     if isinstance(base, str) and base in NAMED_VOLUME_CONFIGS:
-        roi_size = volume_roi_size(build_volume_model(base, num_labels=2, in_channels=num_channels))
+        roi_size = named_volume_roi_size(base)
         return VolumePreprocessing(roi_size=roi_size, num_channels=num_channels, id2label=id2label or {})
     if isinstance(base, dict) or base in NAMED_CONFIGS or base == "segformer-tiny":
         return build_image_processor(image_size)

@@ -188,6 +188,12 @@ def volume_roi_size(model: nn.Module) -> tuple[int, int, int]:
     return SWIN_UNETR_ROI_SIZE
 
 
+def named_volume_roi_size(name: str) -> tuple[int, int, int]:
+    """The patch size of a named 3D config, read off the config without building the network."""
+    spec = NAMED_VOLUME_CONFIGS[name]
+    return tuple(spec["img_size"]) if spec["architecture"] == "UNETR" else SWIN_UNETR_ROI_SIZE
+
+
 def volume_num_labels(model: nn.Module) -> int:
     """Output channels of a 3D model (its final 1x1x1 conv `out`)."""
     convs = [m for m in _monai_network(model).out.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))]

@@ -252,13 +252,13 @@ def load_base(path: str | Path):
         raise FileNotFoundError(
             f"{text}: no such model folder; expected a base saved by pretrain_base.py or a Hub id."
         )
-    if (local / VOLUME_PREPROCESSING_NAME).is_file() or is_volume_base(local):
+    has_preprocessing = (local / VOLUME_PREPROCESSING_NAME).is_file()
+    if has_preprocessing or is_volume_base(local):
         # A 3D base; saved by `UNETR3D.save_pretrained` alone, it gets the preprocessing its shape implies.
         check_no_pickle(local)
         model = load_volume_model(local)
-        if (local / VOLUME_PREPROCESSING_NAME).is_file():
-            return model, VolumePreprocessing.from_pretrained(local)
-        return model, default_volume_preprocessing(model)
+        preprocessing = VolumePreprocessing.from_pretrained(local) if has_preprocessing else None
+        return model, preprocessing or default_volume_preprocessing(model)
     try:
         model = AutoModelForSemanticSegmentation.from_pretrained(text, use_safetensors=True)
         processor = AutoImageProcessor.from_pretrained(text)

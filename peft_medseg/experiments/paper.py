@@ -282,7 +282,7 @@ def run_protocol(cfg: ProtocolConfig, output_dir: str | Path, progress=print) ->
         test.set_transform(eval_transform(processor))
         base_scores = None
         if is_volume_base(cfg.base) and any(
-            (held_out, m, s, c) not in finished for m, s, c in [(m, s, None) for m in cfg.methods for s in cfg.seeds]
+            (held_out, m, s, None) not in finished for m in cfg.methods for s in cfg.seeds
         ):
             base_model, _ = load_base(base_dir)
             base_scores = evaluate_segmentation(base_model, test, model_num_labels(base_model))
