@@ -12,8 +12,9 @@ overhead against the number of prompts and the image size; training peak memory 
 ViT-B, ViT-L); mixed-batch throughput against the number of centers in a batch. Writes JSON, Markdown and PNGs.
 
 `--3d` measures the paper's own model instead: deep VPT vs the bare MONAI UNETR (ViT-B widths, 96³ patches of
-16³, 2 channels, batch 1) in inference latency and FLOPs, and the peak memory of a training step of VPT and
-LoRA against full fine-tuning.
+16³, 2 channels, batch 1) in inference latency and FLOPs, and the peak memory and time of a training step of the
+prompt methods (with activation checkpointing, as the recipes train them; the default also without) and LoRA against
+full fine-tuning (also with checkpointing).
 """
 
 from __future__ import annotations
@@ -422,11 +423,13 @@ def markdown(results: dict) -> str:
             f"latency | {r['vpt_vs_base']:.3f}× ({r['base_ms']:.0f} ms base) | ≤ 1.05× |",
             f"| 3D: deep VPT / bare UNETR, FLOPs | {r['vpt_vs_base_flops']:.4f}× | — |",
         ]
-        for method, m in r["training"].items():
-            if method != "full":
+        for variant, m in r["training"].items():
+            if variant != "full":
+                time = f", step time {m['time_vs_full']:.2f}×" if m["time_vs_full"] else ""
+                target = "≤ 0.6×" if variant.startswith("vpt") and m["gradient_checkpointing"] else "—"
                 lines.append(
-                    f"| 3D: {method} / full fine-tuning, training step peak memory | {m['memory_vs_full']:.3f}× "
-                    f"({m['peak_mb']:.0f} MB) | {'≤ 0.6×' if method.startswith('vpt') else '—'} |"
+                    f"| 3D: {variant} / full fine-tuning, training step peak memory | {m['memory_vs_full']:.3f}× "
+                    f"({m['peak_mb']:.0f} MB{time}) | {target} |"
                 )
     if results.get("latency_curve"):
         lines += [
@@ -494,11 +497,29 @@ def bench_3d(args) -> dict:
     with torch.inference_mode():
         assert not torch.equal(model(pixels), reference)  # the prompts act
         times = interleaved_fastest({"base": bare, "vpt": lambda: model(pixels)}, args.repeats_3d)
-    memory = {
-        method: measure_in_fresh_process(training_step_probe, base=args.config_3d, method=method, batch_size=1)
-        for method in tqdm(("full", "lora", "vpt-deep", "vpt-deep-norms"), desc="3D training steps")
+    # Each method as the recipes train it (activation checkpointing for the prompts), and full fine-tuning with
+    # checkpointing too, so the saving can be told apart from the checkpointing's.
+    variants = {
+        "full": ("full", False),
+        "full, checkpointing": ("full", True),
+        "lora": ("lora", False),
+        "vpt-deep": ("vpt-deep", True),
+        "vpt-deep-norms": ("vpt-deep-norms", True),
+        "vpt-deep-head": ("vpt-deep-head", True),
+        "vpt-deep-head, no checkpointing": ("vpt-deep-head", False),
     }
-    full = memory["full"]["peak_mb"]
+    memory = {
+        variant: measure_in_fresh_process(
+            training_step_probe,
+            base=args.config_3d,
+            method=method,
+            batch_size=1,
+            gradient_checkpointing=checkpointing,
+            repeats=args.train_repeats_3d,
+        )
+        for variant, (method, checkpointing) in tqdm(variants.items(), desc="3D training steps")
+    }
+    full = memory["full"]
     return {
         "config": args.config_3d,
         "roi_size": list(pixels.shape[2:]),
@@ -507,8 +528,15 @@ def bench_3d(args) -> dict:
         "vpt_vs_base": times["vpt"] / times["base"],
         "vpt_vs_base_flops": vpt_flops / base_flops,
         "training": {
-            method: {"peak_mb": r["peak_mb"], "memory_vs_full": r["peak_mb"] / full, "trainable": r["trainable"]}
-            for method, r in memory.items()
+            variant: {
+                "peak_mb": r["peak_mb"],
+                "memory_vs_full": r["peak_mb"] / full["peak_mb"],
+                "step_s": r["step_s"],
+                "time_vs_full": r["step_s"] / full["step_s"] if r["step_s"] else None,
+                "trainable": r["trainable"],
+                "gradient_checkpointing": variants[variant][1],
+            }
+            for variant, r in memory.items()
         },
     }
 
@@ -546,6 +574,7 @@ def main() -> None:
         "--config_3d", default="unetr-base", help="3D named config of --3d (ViT-B widths: the paper's)"
     )
     parser.add_argument("--repeats_3d", type=int, default=3)
+    parser.add_argument("--train_repeats_3d", type=int, default=1, help="timed 3D training steps per method")
     parser.add_argument("--output_dir", default="outputs/bench")
     args = parser.parse_args()
     if args.three_d:

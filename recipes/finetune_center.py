@@ -200,9 +200,7 @@ def save_evaluated(
             "best_epoch": result.best_epoch,
             "train_seconds": round(result.train_seconds, 2),
             "peak_memory_mb": result.peak_memory_mb,
-            # As finetune_center decides it: 3D bases train without it.
-            "gradient_checkpointing": uses_gradient_checkpointing(args.method, args.gradient_checkpointing)
-            and not isinstance(processor, VolumePreprocessing),
+            "gradient_checkpointing": uses_gradient_checkpointing(args.method, args.gradient_checkpointing),
         },
     }
     attachments = [signature.save] if signature is not None else []

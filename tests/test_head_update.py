@@ -145,3 +145,28 @@ def test_bad_head_config_is_refused_before_the_model_changes(fields, message):
         get_peft_model(base, VisualPromptConfig(num_virtual_tokens=2, **fields))
     assert not any(hasattr(m, "head_update") or hasattr(m, "visual_prompt") for m in base.modules())
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "conv, folds",
+    [
+        (torch.nn.Conv3d(4, 5, 3, padding=1, stride=2), True),  # a strided 3D conv: the centre tap still lines up
+        (torch.nn.Conv2d(4, 5, 1), True),
+        (torch.nn.Conv2d(4, 5, 3, padding=1, padding_mode="replicate"), False),  # not zero padding: added instead
+    ],
+)
+def test_update_of_one_conv_equals_the_conv_plus_up_down_by_hand(conv, folds):
+    from peft_medseg.visual_prompt.head_layer import HeadUpdateLayer
+
+    torch.manual_seed(0)
+    conv.head_update = HeadUpdateLayer(conv)
+    conv.head_update.update_layer("a", 2)
+    conv.head_update.set_adapter(["a"])
+    torch.nn.init.normal_(conv.head_update.vpt_up["a"].weight)
+    assert conv.head_update.folds_into_weight is folds
+    x = torch.randn(2, 4, *[9] * (conv.weight.ndim - 2))
+    down = conv.head_update.vpt_down["a"].weight.flatten(1)  # (rank, in)
+    up = conv.head_update.vpt_up["a"].weight.flatten(1)  # (out, rank)
+    strided = x[(slice(None), slice(None), *[slice(None, None, s) for s in conv.stride])]
+    expected = type(conv).forward(conv, x) + torch.einsum("or,ri,bi...->bo...", up, down, strided)
+    torch.testing.assert_close(conv(x), expected, atol=1e-5, rtol=1e-5)

@@ -252,3 +252,59 @@ def test_swin_unetr_key_value_prompts_train_mix_and_round_trip(tmp_path):
 def test_token_prompts_on_swin_unetr_point_to_key_value_mode():
     with pytest.raises(ValueError, match="key_value"):
         get_peft_model(swin_unetr(), VisualPromptConfig(num_virtual_tokens=4))
+
+
+# --------------------------------------------------------------------------- activation checkpointing
+def adapted_for_checkpointing(kind, seed=0):
+    """Two trainable center adapters with head norms and head updates (the default method's parts) on a tiny UNETR
+    (deep or shallow token prompts) or Swin UNETR (key/value prompts), every adapter weight moved off its init."""
+    from peft_medseg.training import head_norm_modules
+
+    base = swin_unetr(seed) if kind == "swin" else unetr(seed, norm_name=("instance", {"affine": True}))
+    saved = ["out.conv.conv", *head_norm_modules(base)]
+    mode = dict(prompt_mode="key_value") if kind == "swin" else dict(deep=kind == "deep")
+    config = dict(num_virtual_tokens=3, head_rank=2, prompt_dropout=0.0, modules_to_save=saved, **mode)
+    model = get_peft_model(base, VisualPromptConfig(**config))
+    model.add_adapter("b", VisualPromptConfig(**config))
+    generator = torch.Generator().manual_seed(seed + 7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "vpt_" in name or "modules_to_save" in name:
+                p.requires_grad_(True)
+                p.add_(0.2 * torch.randn(p.shape, generator=generator))
+    return model.train()
+
+
+@pytest.mark.parametrize("kind", ["deep", "shallow", "swin"])
+def test_activation_checkpointing_gives_the_same_gradients_on_a_mixed_batch_and_keeps_less(kind):
+    from peft_medseg.training import enable_gradient_checkpointing
+
+    size = 64 if kind == "swin" else 32
+    x = volumes(batch=3, size=size)
+    names = ["default", "b", "__base__"]
+    weights = torch.randn(3, 3, size, size, size, generator=torch.Generator().manual_seed(3))
+
+    def step(model):
+        """Gradients of every trainable tensor and the bytes autograd kept outside checkpoints."""
+        kept = []
+
+        def pack(tensor):
+            kept.append(tensor.numel() * tensor.element_size())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = (model(x, adapter_names=names) * weights).sum()
+        loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, sum(kept)
+
+    plain_grads, plain_bytes = step(adapted_for_checkpointing(kind))
+    model = adapted_for_checkpointing(kind)
+    checkpointed = enable_gradient_checkpointing(model)
+    assert any(name.startswith(("vit.", "swinViT.")) for name in checkpointed) and "decoder2" in checkpointed
+    grads, kept_bytes = step(model)
+    assert set(grads) == set(plain_grads)
+    # Every center's prompts, head updates and norm copies get a gradient, each as without checkpointing.
+    assert all(g is not None and g.abs().sum() > 0 for g in plain_grads.values())
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert kept_bytes < 0.5 * plain_bytes

@@ -241,18 +241,16 @@ def run_one(
     return row
 
 
-def measure_training_memory(
-    base_dir: str | Path, method: str, batch_size: int, num_virtual_tokens: int = 10, volumes: bool = False
-) -> float:
-    """Peak memory growth (MB) of a training step of `method` on the saved base, in a fresh process (3D bases train
-    without activation checkpointing, as `finetune_center` trains them)."""
+def measure_training_memory(base_dir: str | Path, method: str, batch_size: int, num_virtual_tokens: int = 10) -> float:
+    """Peak memory growth (MB) of a training step of `method` on the saved base, in a fresh process, with activation
+    checkpointing where `finetune_center` uses it (`uses_gradient_checkpointing`)."""
     probe = measure_in_fresh_process(
         training_step_probe,
         base=str(base_dir),
         method=method,
         batch_size=batch_size,
         num_virtual_tokens=num_virtual_tokens,
-        gradient_checkpointing=uses_gradient_checkpointing(method) and not volumes,
+        gradient_checkpointing=uses_gradient_checkpointing(method),
     )
     return probe["peak_mb"]
 
@@ -303,9 +301,7 @@ def run_protocol(cfg: ProtocolConfig, output_dir: str | Path, progress=print) ->
             memory = json.loads(memory_file.read_text()) if memory_file.is_file() else {}
             for method in cfg.methods:
                 if method != "direct" and method not in memory:
-                    memory[method] = measure_training_memory(
-                        base_dir, method, cfg.batch_size, cfg.num_virtual_tokens, is_volume_base(cfg.base)
-                    )
+                    memory[method] = measure_training_memory(base_dir, method, cfg.batch_size, cfg.num_virtual_tokens)
             memory_file.write_text(json.dumps(memory, indent=2))
     (output_dir / "protocol.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
     return rows

@@ -13,7 +13,6 @@ from torch.utils.data import DataLoader
 
 from ..data import select_centers
 from ..models import build_segmentation_model, model_num_labels
-from ..models3d import is_volume_model
 from ..routing import DEFAULT_FALSE_REJECTION_RATE, CenterSignature, compute_signature
 from .data import eval_transform, split_validation, train_transform
 from .loop import TrainingConfig, TrainingResult, train_segmentation
@@ -90,7 +89,7 @@ def finetune_center(
     A fixed share of the center's training cases (by case hash) validates each epoch for best-epoch selection; the
     test split is left for evaluation. `num_train_cases` keeps a deterministic few-shot subset of the rest.
     `gradient_checkpointing` recomputes the encoder's activations in the backward pass (None: on for the prompt
-    methods of 2D bases, see `uses_gradient_checkpointing`; off for 3D bases); the gradients are the same.
+    methods, see `uses_gradient_checkpointing`); the gradients are the same.
     """
     train_rows = select_centers(data["train"], new_center)
     train, validation = split_validation(train_rows, validation_fraction, num_train_cases, config.seed)
@@ -105,8 +104,6 @@ def finetune_center(
         train_classifier=train_classifier,
         lora_rank=lora_rank,
     )
-    if gradient_checkpointing is None and is_volume_model(base):
-        gradient_checkpointing = False
     if uses_gradient_checkpointing(method, gradient_checkpointing):
         enable_gradient_checkpointing(model)
     trainable, total = count_parameters(model)

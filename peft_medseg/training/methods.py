@@ -32,12 +32,17 @@ than its norms can express (README, "What we measured").
 
 from __future__ import annotations
 
+import types
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
 # Importing the package registers the visual prompt method with peft.
 from ..models3d import is_volume_model
-from ..visual_prompt import VisualPromptConfig, keep_frozen_norms_in_eval
+from ..visual_prompt import VisualPromptConfig, VisualPromptModel, keep_frozen_norms_in_eval
 
 # The method of `finetune_center.py`, `make demo` and the model card unless one is chosen (README, "What we measured").
 DEFAULT_METHOD = "vpt-deep-head"
@@ -82,6 +87,8 @@ LORA_TARGET_MODULES = r".*\.attention\.(q_proj|k_proj|v_proj|o_proj)"
 # (UNETR's `vit.blocks.N.attn.qkv|out_proj`, Swin UNETR's `swinViT.layersS.0.blocks.N.attn.qkv|proj`).
 VOLUME_CLASSIFIER_MODULE = "out.conv.conv"
 VOLUME_ENCODERS = ("vit", "swinViT")
+# The encoder blocks of MONAI's UNETR and Swin UNETR, each its own activation checkpoint.
+VOLUME_ENCODER_BLOCKS = ("TransformerBlock", "SwinTransformerBlock")
 VOLUME_LORA_TARGET_MODULES = r".*\.attn\.(qkv|out_proj|proj)"
 
 
@@ -172,16 +179,14 @@ def uses_gradient_checkpointing(method: str, gradient_checkpointing: bool | None
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> list[str]:
-    """Turn on transformers' activation checkpointing of the encoder blocks; returns the models it was enabled on.
+    """Turn on activation checkpointing of the encoder blocks (and, in 3D, of the decoder); returns what it enabled.
 
-    Uses each model's own support (`PreTrainedModel.activation_checkpointing_enable`, non-reentrant): the outermost
-    submodels that support it, for example the backbone of an UperNet (the head itself does not) or a whole SegFormer.
+    2D: each model's own support (transformers' `PreTrainedModel.activation_checkpointing_enable`, non-reentrant) on
+    the outermost submodels that support it, for example the backbone of an UperNet (the head itself does not) or a
+    whole SegFormer. 3D: MONAI's UNETR has none, so `checkpoint_volume_modules` does it.
     """
     if is_volume_model(model):
-        raise ValueError(
-            "Activation checkpointing is not available for MONAI's 3D models here: train them with "
-            "--gradient_checkpointing false (the default for 3D bases)."
-        )
+        return checkpoint_volume_modules(model)
     enabled: list[str] = []
     for name, module in model.named_modules():
         if any(name == done or name.startswith(done + ".") or done == "" for done in enabled):
@@ -192,6 +197,52 @@ def enable_gradient_checkpointing(model: nn.Module) -> list[str]:
     if not enabled:
         raise ValueError(f"{type(model).__name__} has no submodel that supports activation checkpointing.")
     return enabled
+
+
+def checkpoint_volume_modules(model: nn.Module) -> list[str]:
+    """Non-reentrant activation checkpointing of a 3D model (MONAI's UNETR or Swin UNETR); returns the modules' names.
+
+    Checkpointed: every transformer block of the encoder on its own (a block whose forward the prompts override:
+    its attention and MLP), and every top-level module of the decoder. At 96³ the decoder's full-resolution feature
+    maps dominate a prompt step's memory; one checkpoint around the whole encoder would keep every block's
+    activations during its recomputation. A mixed-center batch is recomputed with the routing of its forward pass
+    (`VisualPromptModel.checkpoint_context_fn`), so gradients equal those without checkpointing (tested).
+    """
+    network = model.get_base_model() if hasattr(model, "get_base_model") else model
+    tuner = next((m for m in model.modules() if isinstance(m, VisualPromptModel)), None)
+    context_fn = tuner.checkpoint_context_fn if tuner is not None else _no_context
+    units: list[str] = []
+    for child_name, child in network.named_children():
+        if child_name not in VOLUME_ENCODERS:
+            units.append(child_name)
+            continue
+        for name, block in child.named_modules(prefix=child_name):
+            if type(block).__name__ not in VOLUME_ENCODER_BLOCKS:
+                continue
+            if "forward" not in vars(block):
+                units.append(name)
+                continue
+            # The prompts are inside the token sequence by the time the block's attention and MLP run.
+            parts = [n for n, part in block.named_children() if n != "visual_prompt" and list(part.parameters())]
+            units += [f"{name}.{part}" for part in parts]
+    for name in units:
+        module = network.get_submodule(name)
+        if "forward" in vars(module):
+            raise ValueError(f"{name}: its forward is already overridden; it cannot also be checkpointed.")
+        module.checkpoint_context_fn = context_fn
+        module.forward = types.MethodType(_checkpointed_forward, module)
+    return units
+
+
+def _checkpointed_forward(module: nn.Module, *args, **kwargs):
+    forward = type(module).forward
+    if not torch.is_grad_enabled():
+        return forward(module, *args, **kwargs)
+    return checkpoint(forward, module, *args, use_reentrant=False, context_fn=module.checkpoint_context_fn, **kwargs)
+
+
+def _no_context() -> tuple[AbstractContextManager, AbstractContextManager]:
+    return nullcontext(), nullcontext()
 
 
 def head_norm_modules(model: nn.Module) -> list[str]:

@@ -6,17 +6,22 @@ sits in the decode head (README, "What we measured"). `head_rank > 0` gives each
 low-rank update of every head convolution: `conv(x) + up(down(x))`, with `down` a 1x1 convolution to `head_rank`
 channels (the conv's stride) and `up` a 1x1 convolution back, initialised to zero so a new adapter starts as the base.
 Mixed-center batches route it per sample, like the prompts.
+
+Where the conv's kernel is centred ("same" padding, odd kernel, no dilation or groups: every conv of UperNet's and
+UNETR's heads) the update is folded into the conv's weight at the kernel's centre tap, `conv(x; W + up·down)`: the
+same output, one convolution, and no extra full-size feature maps kept for the backward pass (in 3D these are
+56 MB each at 96³).
 """
 
 from __future__ import annotations
 
 import math
 import types
-from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from torch.nn import functional as F
 
 
 class HeadUpdateLayer(nn.Module, BaseTunerLayer):
@@ -32,6 +37,7 @@ class HeadUpdateLayer(nn.Module, BaseTunerLayer):
         self.vpt_down = nn.ModuleDict({})
         self.vpt_up = nn.ModuleDict({})
         self.in_channels, self.out_channels, self.stride = conv.in_channels, conv.out_channels, conv.stride
+        self.folds_into_weight = _centre_tap_conv(conv)
         # Per-sample adapter names of a mixed-center batch, set by `VisualPromptModel` for one forward pass.
         self.adapter_names: list[str] | None = None
         self._active_adapter: list[str] = []
@@ -71,23 +77,52 @@ class HeadUpdateLayer(nn.Module, BaseTunerLayer):
         active = [name for name in self.active_adapters if name in self.vpt_down]
         return [active[0]] * batch_size if len(active) == 1 else None
 
-    def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        """`output` (the conv's own) plus, for each sample, its adapter's update of `x`."""
+    def forward(self, conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+        """The conv's output for `x`, each sample with its adapter's update (none for `"__base__"` rows)."""
         row_adapters = self._row_adapters(x.shape[0])
         if row_adapters is None or all(name is None for name in row_adapters):
-            return output
-        names = [name for name in dict.fromkeys(row_adapters) if name is not None]
-        if len(names) == 1 and None not in row_adapters:
-            return output + self.vpt_up[names[0]](self.vpt_down[names[0]](x))
-        update = torch.zeros_like(output)
+            return type(conv).forward(conv, x)
+        names = list(dict.fromkeys(row_adapters))
+        if len(names) == 1:
+            return self._updated_conv(conv, names[0], x)
+        # A mixed batch: each adapter's rows through their own updated conv, base rows through the conv itself.
+        outputs, index = [], []
         for name in names:
             rows = torch.tensor([i for i, n in enumerate(row_adapters) if n == name], device=x.device)
-            update = update.index_add(0, rows, self.vpt_up[name](self.vpt_down[name](x[rows])))
-        return output + update
+            outputs.append(
+                type(conv).forward(conv, x[rows]) if name is None else self._updated_conv(conv, name, x[rows])
+            )
+            index.append(rows)
+        return torch.cat(outputs)[torch.argsort(torch.cat(index))]
+
+    def _updated_conv(self, conv: nn.Conv2d | nn.Conv3d, name: str, x: torch.Tensor) -> torch.Tensor:
+        down, up = self.vpt_down[name], self.vpt_up[name]
+        if not self.folds_into_weight:
+            return type(conv).forward(conv, x) + up(down(x))
+        # up·down as a kernel that is zero but at the centre tap, added to the conv's own kernel.
+        update = (up.weight.flatten(1) @ down.weight.flatten(1)).view(*conv.weight.shape[:2], *[1] * (x.ndim - 2))
+        centre = [k // 2 for k in reversed(conv.kernel_size) for _ in range(2)]
+        weight = conv.weight + F.pad(update.to(conv.weight.dtype), centre)
+        convolution = F.conv3d if x.ndim == 5 else F.conv2d
+        return convolution(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
     def __repr__(self) -> str:
         return "head_update." + super().__repr__()
 
 
-def _updated_conv_forward(conv: nn.Conv2d, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    return conv.head_update(x, type(conv).forward(conv, x, *args, **kwargs))
+def _updated_conv_forward(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    return conv.head_update(conv, x)
+
+
+def _centre_tap_conv(conv: nn.Conv2d | nn.Conv3d) -> bool:
+    """Whether a 1x1 conv of `x` with the conv's stride lands on the conv's own output grid at its kernel's centre
+    (odd kernel, padding of half the kernel, zero padding, no dilation, no groups): then the update folds into the
+    kernel's centre tap."""
+    padding = conv.padding if conv.padding != "same" else tuple(k // 2 for k in conv.kernel_size)
+    return (
+        conv.groups == 1
+        and conv.padding_mode == "zeros"
+        and all(d == 1 for d in conv.dilation)
+        and all(k % 2 == 1 for k in conv.kernel_size)
+        and tuple(padding) == tuple(k // 2 for k in conv.kernel_size)
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import types
 import warnings
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import partial
 
 import torch
@@ -68,6 +68,8 @@ class VisualPromptModel(BaseTuner):
 
     def __init__(self, model, peft_config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
         self._carry = PromptCarry()
+        # The per-sample adapter names of the mixed batch whose forward pass is running (None outside one).
+        self._adapter_names_in_flight: list[str] | None = None
         self._targets: dict[str, str] = {}
         # Key/value mode: attention module name -> (the norm that feeds its key/value projections, attention layout).
         self._key_value_targets: dict[str, tuple[nn.Module, str]] = {}
@@ -265,9 +267,11 @@ class VisualPromptModel(BaseTuner):
             layer.adapter_names = adapter_names
         for wrapper in wrappers:
             wrapper.forward = types.MethodType(partial(_route_per_sample, adapter_names=adapter_names), wrapper)
+        self._adapter_names_in_flight = adapter_names
         try:
             yield
         finally:
+            self._adapter_names_in_flight = None
             for layer in layers:
                 layer.adapter_names = None
             for wrapper in wrappers:
@@ -275,6 +279,17 @@ class VisualPromptModel(BaseTuner):
             for handle in handles:
                 handle.remove()
             self._carry.tokens = None
+
+    def checkpoint_context_fn(self) -> tuple[AbstractContextManager, AbstractContextManager]:
+        """A `context_fn` for non-reentrant `torch.utils.checkpoint`: its recomputation in the backward pass routes
+        the samples of a mixed-center batch to the adapters their forward pass used.
+
+        The per-sample routing lives on the layers only while `model(..., adapter_names=...)` runs; a checkpointed
+        module is recomputed later, in the backward pass, so it is routed again for the recomputation.
+        """
+        names = self._adapter_names_in_flight
+        replay = nullcontext() if names is None else self._enable_peft_forward_hooks(adapter_names=names)
+        return nullcontext(), replay
 
     # ----------------------------------------------------------------- training mode
     def train(self, mode: bool = True):
