@@ -236,3 +236,73 @@ def test_synthetic_volumes_are_deterministic_two_channel_nifti_with_small_lesion
     assert all(np.array_equal(a, b) for a, b in zip(first, again))
     stored = np.asarray(nibabel.load(root / profile.name / "images" / f"{profile.name}_000.nii.gz").dataobj)
     assert np.array_equal(stored, first[0])
+
+
+DP_3D_SCRIPT = """
+import sys, torch
+from safetensors.torch import save_file
+from peft_medseg.data.volumes import load_volume_dataset
+from peft_medseg.models3d import UNETR3D, default_volume_preprocessing
+from peft_medseg.training import *
+root, batch_size, out, precision = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+data, _ = load_volume_dataset(root)
+rows = data["train"].filter(lambda c: c == "site_a", input_columns="center")
+train, validation = rows.select(range(2)), rows.select(range(2, len(rows)))
+torch.manual_seed(0)
+base = UNETR3D(in_channels=2, out_channels=3, img_size=(32, 32, 32), feature_size=4, hidden_size=32, mlp_dim=64,
+               num_heads=2, norm_name=("instance", {"affine": True}))
+processor = default_volume_preprocessing(base)
+train.set_transform(train_transform(processor, 0)); validation.set_transform(eval_transform(processor))
+model = prepare_model(base, "vpt-deep-head", num_virtual_tokens=2, prompt_dropout=0.0)
+enable_gradient_checkpointing(model)
+accelerator = make_accelerator(mixed_precision=precision)
+config = TrainingConfig(learning_rate=3e-2, num_epochs=1, batch_size=batch_size)
+train_segmentation(model, train, validation, 3, config, accelerator)
+state = {n: p.detach().float().contiguous() for n, p in accelerator.unwrap_model(model).named_parameters()
+         if p.requires_grad}
+name = f"{precision}-rank{accelerator.process_index}-of-{accelerator.num_processes}"
+save_file(state, f"{out}/{name}.safetensors")
+print(accelerator.distributed_type, accelerator.num_processes, accelerator.mixed_precision)
+"""
+
+
+def test_3d_training_data_parallel_on_two_processes_equals_one_and_runs_in_bf16(volume_root, tmp_path):
+    """The default method on a 3D base, activation checkpointing on: two CPU processes (torchrun, gloo) with one
+    patch each end where one process with both patches per step ends; bf16 autocast trains too."""
+    from safetensors.torch import load_file
+
+    script = tmp_path / "dp3d.py"
+    script.write_text(DP_3D_SCRIPT)
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+
+    def run(*args):
+        result = subprocess.run(
+            [sys.executable, *map(str, args)], capture_output=True, text=True, env=env, timeout=300
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torchrun = ["-m", "torch.distributed.run", "--nproc_per_node", 2, "--master_port", port]
+    assert "MULTI_CPU 2 no" in run(*torchrun, script, volume_root, 1, tmp_path, "no")
+    run(script, volume_root, 2, tmp_path, "no")
+    assert "bf16" in run(script, volume_root, 2, tmp_path, "bf16")
+    rank0, rank1 = (load_file(tmp_path / f"no-rank{r}-of-2.safetensors") for r in (0, 1))
+    single, bf16 = (
+        load_file(tmp_path / "no-rank0-of-1.safetensors"),
+        load_file(tmp_path / "bf16-rank0-of-1.safetensors"),
+    )
+    assert any(".head_update." in key for key in single) and any("modules_to_save" in key for key in single)
+    for key in rank0:
+        torch.testing.assert_close(rank1[key], rank0[key], rtol=0, atol=0)  # DDP keeps the ranks identical
+        # One Adam step of 3e-2: equal up to summation order (an element whose gradient is near zero moves by a
+        # noise-sized fraction of the step, 2e-5 seen).
+        torch.testing.assert_close(rank0[key], single[key], rtol=1e-4, atol=1e-4, msg=key)
+        assert torch.isfinite(bf16[key]).all()
+    # bf16 follows the fp32 run's direction without reproducing it bit for bit.
+    moved = [key for key in single if ".vpt_prompt." in key]
+    assert moved and all(not torch.equal(bf16[key], single[key]) for key in moved)
