@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from .data import collate_segmentation
 from .data.volumes import is_volume_batch
-from .metrics import dice_per_class, hd95
+from .metrics import dice_per_class, hd95, overlap_counts
 from .models3d import is_volume_model, volume_num_labels, volume_roi_size
 
 
@@ -80,7 +80,8 @@ def evaluate_segmentation(
     compute_hd95: bool = True,
     ignore_index: int = 255,
 ) -> dict[str, dict[str, float | list[int]]]:
-    """Per-center scores `{center: {"dice", "hd95", "absent_classes"}}` of `model` on a transformed dataset.
+    """Per-center scores `{center: {"dice", "hd95", "absent_classes", "dice_per_class", "dice_aggregated"}}` of
+    `model` on a transformed dataset.
 
     `dataset` rows have `pixel_values`, `labels` and `center` (a `set_transform`ed split); volume rows also have
     `spacing` (mm), in which their HD95 is measured, and are scored one whole volume at a time. Each image scores the mean
@@ -88,6 +89,9 @@ def evaluate_segmentation(
     scores 1) and the mean HD95 over those where it is defined (NaN when none is); centers average their images.
     A class that appears in no reference and no prediction of a center is left out of that center's means, and
     listed in `absent_classes`: it would otherwise add a perfect 1 to every image and inflate the score.
+    Per foreground class id, `dice_per_class` is that class's mean over the center's images (same conventions), and
+    `dice_aggregated` pools the center's voxels, `2 Σ|P∩R| / Σ(|P|+|R|)` (HECKTOR's DSCagg): a case without a
+    small lesion then adds nothing rather than a 1 (NaN for a class in no reference or prediction).
     With `adapter_for_center`, each row is routed through the adapter named for its center in one mixed batch.
     The model is put in eval mode, and put back in its previous mode afterwards.
 
@@ -104,6 +108,7 @@ def evaluate_segmentation(
     device = next(model.parameters()).device
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_segmentation)
     dice_scores, hd95_scores, centers = [], [], []
+    overlaps: dict[str, np.ndarray] = {}  # per center: (2, num_labels) voxels in both, voxels of the two added
     present: dict[str, np.ndarray] = {}  # per center: which classes occur in some reference or prediction
     row = 0
     for batch in loader:
@@ -126,6 +131,8 @@ def evaluate_segmentation(
             seen[np.unique(prediction[(prediction >= 0) & (prediction < num_labels)])] = True
             seen[values[(values >= 0) & (values < num_labels)]] = True
             dice_scores.append(dice_per_class(prediction, reference, num_labels, ignore_index))
+            counts = np.stack(overlap_counts(prediction, reference, num_labels, ignore_index))
+            overlaps[center] = overlaps.get(center, 0) + counts
             if compute_hd95:
                 # Volumes in mm; 2D images in pixels of the model input (a slice's spacing is the volume's, not theirs).
                 in_mm = spacing if prediction.ndim == 3 else None
@@ -140,7 +147,17 @@ def evaluate_segmentation(
         absent = [label for label in range(1, num_labels) if not present[center][label]]
         dice = _mean_of_kept(dice_scores, rows, kept)
         hd = _mean_of_kept(hd95_scores, rows, kept) if compute_hd95 else math.nan
-        scores[str(center)] = {"dice": dice, "hd95": hd, "absent_classes": absent}
+        both, added = overlaps[center]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            aggregated = 2 * both / added
+        per_class = {label: _mean_of_kept(dice_scores, rows, [label]) for label in kept}
+        scores[str(center)] = {
+            "dice": dice,
+            "hd95": hd,
+            "absent_classes": absent,
+            "dice_per_class": {label: per_class.get(label, math.nan) for label in range(1, num_labels)},
+            "dice_aggregated": {label: float(aggregated[label]) for label in range(1, num_labels)},
+        }
     return scores
 
 
@@ -163,6 +180,8 @@ def json_scores(scores: dict[str, dict]) -> dict[str, dict]:
     """Scores for a JSON file: an undefined value (NaN, e.g. the HD95 of an empty prediction) becomes null."""
 
     def plain(value):
+        if isinstance(value, dict):  # per class: JSON keys are strings
+            return {str(key): plain(item) for key, item in value.items()}
         if isinstance(value, float) and not math.isfinite(value):
             return None
         return value

@@ -36,11 +36,39 @@ def test_perfect_predictions_score_dice_one_and_hd95_zero_per_center():
         labels[4:9, 4:9], labels[10:14, 2:6] = 1, 2
         rows.append({"pixel_values": labels.float().expand(3, 16, 16), "labels": labels, "center": center})
     scores = evaluate_segmentation(Oracle(), rows, NUM_LABELS)
-    perfect = {"dice": 1.0, "hd95": 0.0, "absent_classes": []}
+    per_class = {label: 1.0 for label in range(1, NUM_LABELS)}
+    perfect = {
+        "dice": 1.0,
+        "hd95": 0.0,
+        "absent_classes": [],
+        "dice_per_class": per_class,
+        "dice_aggregated": per_class,
+    }
     assert scores == {"A": perfect, "B": perfect}
     rows[1]["labels"] = torch.zeros_like(rows[1]["labels"])  # B's reference has no foreground: prediction all wrong
     scores = evaluate_segmentation(Oracle(), rows, NUM_LABELS)
     assert scores["A"]["dice"] == 1.0 and scores["B"]["dice"] == 0.0 and np.isnan(scores["B"]["hd95"])
+
+
+def test_per_class_dice_is_the_mean_over_images_and_aggregated_dice_pools_voxels_by_hand():
+    """Two images of one center; class 2 is only in the second, and missed there."""
+    rows = []
+    for predicted, reference in (
+        ({1: np.s_[0:4, 0:2]}, {1: np.s_[0:4, 0:4]}),  # class 1: 8 of 16 found; class 2 in neither
+        ({1: np.s_[0:2, 0:2]}, {1: np.s_[0:2, 0:2], 2: np.s_[8:10, 8:10]}),  # class 1 exact; class 2 missed
+    ):
+        prediction, labels = torch.zeros(16, 16), torch.zeros(16, 16, dtype=torch.long)
+        for label, where in predicted.items():
+            prediction[where] = label
+        for label, where in reference.items():
+            labels[where] = label
+        rows.append({"pixel_values": prediction.expand(3, 16, 16), "labels": labels, "center": "A"})
+    scores = evaluate_segmentation(Oracle(), rows, NUM_LABELS, compute_hd95=False)["A"]
+    # Per image: class 1 scores 2*8/(8+16) and 1; class 2 scores 1 (absent from both) and 0.
+    assert scores["dice_per_class"] == pytest.approx({1: (2 * 8 / 24 + 1) / 2, 2: (1 + 0) / 2})
+    # Pooled: class 1 2*(8+4)/((8+16)+(4+4)); class 2 finds none of its 4 pixels.
+    assert scores["dice_aggregated"] == pytest.approx({1: 2 * 12 / 32, 2: 0.0})
+    assert scores["dice"] == pytest.approx(((2 * 8 / 24 + 1) / 2 + (1 + 0) / 2) / 2)
 
 
 @pytest.fixture(scope="module")

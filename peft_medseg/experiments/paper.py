@@ -233,6 +233,9 @@ def run_one(
     row |= {
         "new_dice": scores[new_center]["dice"],
         "new_hd95": scores[new_center]["hd95"],
+        # Per foreground class (JSON keys are strings): mean per case, and pooled over the center's voxels.
+        "new_dice_per_class": {str(k): v for k, v in scores[new_center]["dice_per_class"].items()},
+        "new_dice_aggregated": {str(k): v for k, v in scores[new_center]["dice_aggregated"].items()},
         "old_dice_paper": _mean_old(scores, new_center),
         "per_center_dice": {c: s["dice"] for c, s in scores.items()},
     }

@@ -62,6 +62,19 @@ def dice_per_class(prediction, reference, num_labels: int, ignore_index: int | N
     return scores[0].double().numpy()
 
 
+def overlap_counts(
+    prediction, reference, num_labels: int, ignore_index: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per class: the voxels in both prediction and reference, and the voxels of the two added (arrays of length
+    `num_labels`). Summed over cases, `2 * both / added` is the aggregated Dice (HECKTOR's DSCagg): every voxel
+    weighs the same, and a case without the class adds nothing rather than a perfect 1."""
+    y_pred, y = _one_hot_pair(prediction, reference, num_labels, ignore_index)
+    spatial = tuple(range(2, y.ndim))
+    both = (y_pred & y).sum(dim=spatial)[0]
+    added = y_pred.sum(dim=spatial)[0] + y.sum(dim=spatial)[0]
+    return both.double().numpy(), added.double().numpy()
+
+
 def iou_per_class(prediction, reference, num_labels: int, ignore_index: int | None = None) -> np.ndarray:
     """Intersection over union (Jaccard) of each class, indexed by class id; empty conventions as Dice."""
     y_pred, y = _one_hot_pair(prediction, reference, num_labels, ignore_index)
