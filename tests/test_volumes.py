@@ -306,3 +306,47 @@ def test_3d_training_data_parallel_on_two_processes_equals_one_and_runs_in_bf16(
     # bf16 follows the fp32 run's direction without reproducing it bit for bit.
     moved = [key for key in single if ".vpt_prompt." in key]
     assert moved and all(not torch.equal(bf16[key], single[key]) for key in moved)
+
+
+def test_3d_training_resumed_mid_epoch_equals_the_uninterrupted_run(volume_root, tmp_path):
+    """Patch crops and augmentation are seeded per (seed, epoch, case), so a run resumed from a mid-epoch checkpoint
+    (here: the state after its first step, as a kill would leave it) ends bit for bit where the straight run ends."""
+    import shutil
+
+    from peft_medseg.models3d import default_volume_preprocessing
+    from peft_medseg.training import (
+        TrainingConfig,
+        eval_transform,
+        make_accelerator,
+        prepare_model,
+        train_segmentation,
+        train_transform,
+    )
+
+    data, _ = load_volume_dataset(volume_root, centers=["site_a"])
+    rows = data["train"]
+    processor = default_volume_preprocessing(small_unetr())
+
+    def run(checkpoint_dir, resume=None, init_seed=0):
+        train, validation = rows.select(range(2)), rows.select(range(2, len(rows)))
+        train.set_transform(train_transform(processor, 0))
+        validation.set_transform(eval_transform(processor))
+        torch.manual_seed(init_seed)
+        model = prepare_model(small_unetr(), "vpt-deep", num_virtual_tokens=2, prompt_dropout=0.0)
+        config = TrainingConfig(
+            learning_rate=3e-2, num_epochs=2, batch_size=1, checkpoint_dir=str(checkpoint_dir), checkpointing_steps=1,
+            resume_from_checkpoint=resume,
+        )  # fmt: skip
+        accelerator = make_accelerator()
+        result = train_segmentation(model, train, validation, 3, config, accelerator)
+        trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return result, trained
+
+    straight_result, straight = run(tmp_path / "straight")
+    assert straight_result.completed_steps == 4
+    shutil.copytree(tmp_path / "straight" / "step-000001", tmp_path / "killed" / "step-000001")
+    # Other initial prompts: only what the checkpoint holds can make the runs agree.
+    resumed_result, resumed = run(tmp_path / "killed", resume="latest", init_seed=1)
+    assert resumed_result.completed_steps == 4 and resumed.keys() == straight.keys()
+    for name, tensor in straight.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
