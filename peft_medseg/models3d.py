@@ -179,6 +179,16 @@ def is_volume_model(model: nn.Module) -> bool:
     return isinstance(_monai_network(model), (UNETR, SwinUNETR))
 
 
+def volume_encoder_states(model: nn.Module, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+    """The transformer encoder's hidden states of a 3D model for `pixel_values` (B, C, D, H, W): UNETR's token states
+    (B, N, hidden) after each block (its `hidden_states_out`), or Swin UNETR's feature maps (B, C, d, h, w) per stage."""
+    network = _monai_network(model)
+    if isinstance(network, UNETR):
+        _, states = network.vit(pixel_values)
+        return list(states)
+    return list(network.swinViT(pixel_values, network.normalize))
+
+
 def volume_roi_size(model: nn.Module) -> tuple[int, int, int]:
     """The patch a 3D model segments at once: UNETR's `img_size` (its position embedding is sized to it), or
     `SWIN_UNETR_ROI_SIZE` for Swin UNETR."""

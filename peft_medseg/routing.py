@@ -1,6 +1,7 @@
 """Which center's adapter an image needs: center signatures and the `CenterRouter`.
 
-A center's signature is a summary of the *frozen base's* features on that center's training images: the channel
+A center's signature is a summary of the *frozen base's* features on that center's training images (a volume: its
+central patch of the 3D model's own size, `volume_routing_input`): the channel
 means and standard deviations of a few encoder hidden states (the statistics a scanner, preset or camera shifts),
 projected onto `ROUTING_DIM` fixed random directions, and their mean and shrunk inverse covariance. Distances are
 Mahalanobis distances in that feature space, not softmax confidences, which stay high under covariate shift. (On the
@@ -27,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .models3d import is_volume_model, volume_encoder_states, volume_roi_size
 from .storage import check_safe_name
 from .visual_prompt import BASE_ADAPTER_NAME
 
@@ -48,12 +50,16 @@ PROBE_TOLERANCE = 1e-3
 def _hidden_states(model: nn.Module, pixel_values: torch.Tensor) -> Sequence[torch.Tensor]:
     from peft import PeftModel
 
+    def run():
+        if is_volume_model(model):
+            return volume_encoder_states(model, pixel_values)
+        return getattr(model(pixel_values=pixel_values, output_hidden_states=True), "hidden_states", None)
+
     if isinstance(model, PeftModel):
         with model.disable_adapter():
-            outputs = model(pixel_values=pixel_values, output_hidden_states=True)
+            states = run()
     else:
-        outputs = model(pixel_values=pixel_values, output_hidden_states=True)
-    states = getattr(outputs, "hidden_states", None)
+        states = run()
     if not states:
         raise ValueError(
             f"{type(model).__name__} returns no hidden_states with output_hidden_states=True: the router needs the "
@@ -65,7 +71,7 @@ def _hidden_states(model: nn.Module, pixel_values: torch.Tensor) -> Sequence[tor
 @torch.no_grad()
 def base_features(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """(B, D) routing features of the frozen base (adapters disabled): channel means and standard deviations of
-    `NUM_FEATURE_LEVELS` evenly spaced hidden states, tokens (B, N, C) or maps (B, C, H, W)."""
+    `NUM_FEATURE_LEVELS` evenly spaced hidden states, tokens (B, N, C) or maps (B, C, H, W) / (B, C, D, H, W)."""
     was_training = model.training
     model.eval()
     try:
@@ -76,7 +82,7 @@ def base_features(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     parts = []
     for level in levels:
         state = states[level].double()
-        values = state.flatten(2).transpose(1, 2) if state.dim() == 4 else state  # (B, N, C)
+        values = state.flatten(2).transpose(1, 2) if state.dim() >= 4 else state  # (B, N, C)
         parts += [values.mean(dim=1), values.std(dim=1)]
     return torch.cat(parts, dim=1)
 
@@ -93,10 +99,20 @@ def routing_projection(num_features: int) -> torch.Tensor:
     return torch.linalg.qr(gaussian).Q
 
 
-def probe_pixel_values(image_size: tuple[int, int]) -> torch.Tensor:
-    """A fixed input (2, 3, H, W) whose base features identify the base a signature was made with."""
+def probe_pixel_values(image_size: tuple[int, ...], num_channels: int = 3) -> torch.Tensor:
+    """A fixed input (2, num_channels, *image_size) whose base features identify the base a signature was made with."""
     generator = torch.Generator().manual_seed(20231)
-    return torch.randn(2, 3, *image_size, generator=generator)
+    return torch.randn(2, num_channels, *image_size, generator=generator)
+
+
+def volume_routing_input(model: nn.Module, volume: torch.Tensor) -> torch.Tensor:
+    """(1, C, *roi) what a preprocessed volume (C, D, H, W) is routed by: its central patch of the 3D model's own
+    size (`volume_roi_size`), zero-padded where the volume is smaller. One patch per volume, for its signature's
+    statistics, its calibration and its routing alike."""
+    from monai.transforms import ResizeWithPadOrCrop
+
+    patch = ResizeWithPadOrCrop(volume_roi_size(model))(volume)
+    return torch.as_tensor(patch)[None]
 
 
 @dataclass
@@ -110,8 +126,9 @@ class CenterSignature:
     false_rejection_rate: float
     num_images: int
     num_calibration_images: int
-    probe_features: torch.Tensor  # (2, D): the base's features of `probe_pixel_values(image_size)`
-    image_size: tuple[int, int]
+    probe_features: torch.Tensor  # (2, D): the base's features of `probe_pixel_values(image_size, num_channels)`
+    image_size: tuple[int, ...]  # (H, W), or a 3D model's patch (D, H, W)
+    num_channels: int = 3
 
     def distance(self, features: torch.Tensor) -> torch.Tensor:
         """(B,) Mahalanobis distance of `base_features` (B, D) to this center, divided by sqrt(K)."""
@@ -126,10 +143,11 @@ class CenterSignature:
 
     def check_base(self, model: nn.Module, source: str | Path | None = None) -> None:
         """Raise a ValueError (naming `source`) unless `model` is the base this signature was made with."""
-        self.check_probe(base_features(model, probe_pixel_values(self.image_size).to(_device(model))), source)
+        probe = probe_pixel_values(self.image_size, self.num_channels)
+        self.check_probe(base_features(model, probe.to(_device(model))), source)
 
     def check_probe(self, probe: torch.Tensor, source: str | Path | None = None) -> None:
-        """`check_base` given the base's features of `probe_pixel_values(self.image_size)`."""
+        """`check_base` given the base's features of `probe_pixel_values(self.image_size, self.num_channels)`."""
         where = f"{source}: " if source is not None else ""
         if probe.shape != self.probe_features.shape or not torch.allclose(
             probe.cpu(), self.probe_features.double(), rtol=PROBE_TOLERANCE, atol=PROBE_TOLERANCE
@@ -150,6 +168,7 @@ class CenterSignature:
             "num_images": str(self.num_images),
             "num_calibration_images": str(self.num_calibration_images),
             "image_size": json.dumps(list(self.image_size)),
+            "num_channels": str(self.num_channels),
         }
         tensors = {"mean": self.mean, "precision": self.precision, "probe_features": self.probe_features}
         save_file({k: v.float().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
@@ -188,6 +207,7 @@ class CenterSignature:
                 num_calibration_images=int(metadata["num_calibration_images"]),
                 probe_features=tensors["probe_features"],
                 image_size=tuple(int(s) for s in json.loads(metadata["image_size"])),
+                num_channels=int(metadata.get("num_channels", 3)),  # signatures of 2D bases before 3D: RGB
             )
         except (KeyError, ValueError, TypeError) as error:
             raise ValueError(f"{path}: bad or missing metadata field ({error}).") from error
@@ -219,9 +239,9 @@ def compute_signature(
     if not 0 < false_rejection_rate < 1:
         raise ValueError(f"false_rejection_rate must be in (0, 1), got {false_rejection_rate}.")
     device = _device(model)
-    fit, image_size = [], None
+    fit, image_size, num_channels = [], None, None
     for pixel_values in fit_batches:
-        image_size = tuple(pixel_values.shape[-2:])
+        image_size, num_channels = tuple(pixel_values.shape[2:]), pixel_values.shape[1]
         fit.append(base_features(model, pixel_values.to(device)).cpu())
     if not fit or sum(len(f) for f in fit) < 2:
         raise ValueError(f"center {center!r}: a signature needs at least 2 training images.")
@@ -238,8 +258,9 @@ def compute_signature(
         false_rejection_rate=false_rejection_rate,
         num_images=len(features),
         num_calibration_images=0,
-        probe_features=base_features(model, probe_pixel_values(image_size).to(device)).cpu(),
+        probe_features=base_features(model, probe_pixel_values(image_size, num_channels).to(device)).cpu(),
         image_size=image_size,
+        num_channels=num_channels,
     )
     distances = torch.cat([signature.distance(base_features(model, b.to(device)).cpu()) for b in calibration_batches])
     if distances.numel() == 0:
@@ -288,9 +309,11 @@ class CenterRouter:
             raise ValueError(f"base_centers {unknown} have no signature; signatures: {sorted(self.signatures)}.")
         # Centers the base was trained on: recognised (not rejected as foreign), and served by the base itself.
         self.base_centers = set(base_centers)
-        sizes = {tuple(s.image_size) for s in self.signatures.values()}
+        sizes = {(s.num_channels, *s.image_size) for s in self.signatures.values()}
         if len(sizes) > 1:
-            raise ValueError(f"signatures were made at different input sizes {sorted(sizes)}: one base, one size.")
+            raise ValueError(
+                f"signatures were made at different input shapes (channels, size) {sorted(sizes)}: one base, one shape."
+            )
 
     @property
     def centers(self) -> list[str]:
@@ -314,14 +337,15 @@ class CenterRouter:
     def check_base(self, model: nn.Module) -> None:
         """Raise a ValueError unless every signature was made with `model`'s base."""
         # One probe pass for all: the signatures share one input size (checked in __init__).
-        image_size = next(iter(self.signatures.values())).image_size
-        probe = base_features(model, probe_pixel_values(image_size).to(_device(model)))
+        first = next(iter(self.signatures.values()))
+        probe = base_features(model, probe_pixel_values(first.image_size, first.num_channels).to(_device(model)))
         for name, signature in self.signatures.items():
             signature.check_probe(probe, source=f"signature of adapter {name!r}")
 
     @torch.no_grad()
     def route(self, model: nn.Module, pixel_values: torch.Tensor) -> Routes:
-        """Route a batch (B, 3, H, W): features of the frozen base, nearest center by calibrated distance, reject."""
+        """Route a batch (B, C, H, W), or of `volume_routing_input` patches: features of the frozen base, nearest
+        center by calibrated distance, reject."""
         return self.route_features(base_features(model, pixel_values).cpu())
 
     def route_features(self, features: torch.Tensor) -> Routes:

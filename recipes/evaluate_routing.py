@@ -9,6 +9,10 @@ r"""Measure routing by center signatures: accuracy per center, unknown-center re
         --signature_centers busi busbra_logiq7 busbra_logiq5 busbra_aplio300 --output_dir outputs/routing/breast_us \
         --institutions busi=Cairo busbra_logiq7=Rio busbra_logiq5=Rio busbra_aplio300=Rio busbra_usystems=Rio
 
+    # 3D: the demo3d base and adapter, signatures of the base's own centers (volumes routed by their central patch):
+    python recipes/evaluate_routing.py --base_model outputs/demo3d/base --adapters outputs/demo3d/center-flair_pet_e \
+        --dataset synthetic3d --signature_centers t1_pet_a t1_pet_b t2_pet_c pd_pet_d --output_dir outputs/demo3d/routing
+
 Signatures of `--signature_centers` are computed from the data's training split (as finetune_center.py does);
 adapters bring their own. Test centers without a signature are unknown and should be rejected to the base. Writes
 routing.md, routing.csv, routing.png (nearest-center confusion) and routing.json.
@@ -22,6 +26,8 @@ from pathlib import Path
 
 from peft_medseg.data import load_multicenter_dataset, select_centers
 from peft_medseg.experiments.routing_eval import evaluate_routing, write_routing_report
+from peft_medseg.models import model_num_labels
+from peft_medseg.models3d import VolumePreprocessing
 from peft_medseg.prediction import expand_adapters, load_adapters
 from peft_medseg.routing import CenterRouter, CenterSignature, signature_path
 from peft_medseg.storage import claim_output_dir, load_base
@@ -55,7 +61,9 @@ class RoutingArguments:
 def main(argv: list[str] | None = None) -> None:
     args, data_args = parse_arguments((RoutingArguments, DataArguments), argv, description=__doc__)
     base, processor = load_base(args.base_model)
-    data, _ = load_multicenter_dataset(data_args.dataset, num_labels=base.config.num_labels)
+    num_labels = model_num_labels(base)
+    volumes = isinstance(processor, VolumePreprocessing)  # a 3D base: whole volumes, routed by their central patch
+    data, _ = load_multicenter_dataset(data_args.dataset, num_labels=num_labels, volumes=volumes)
     # Each adapter is named by the center its signature was made on, so that test rows know their oracle adapter.
     adapters, signatures = {}, {}
     for location in expand_adapters(args.adapters).values():
@@ -80,9 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         model = load_adapters(base, adapters)
         test.set_transform(eval_transform(processor))
         # Signature centers without an adapter are the base's own: recognised, and served by the base.
-        summary = evaluate_routing(
-            model, signatures, test, base.config.num_labels, adapters=list(adapters), groups=groups
-        )
+        summary = evaluate_routing(model, signatures, test, num_labels, adapters=list(adapters), groups=groups)
         print(write_routing_report(summary, args.output_dir, title=str(data_args.dataset)))
         (Path(args.output_dir) / "routing.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"Wrote {args.output_dir}/routing.md, routing.csv, routing.png, routing.json.")

@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
             claims.enter_context(claim_output_dir(args.output_dir))
             claims.enter_context(claim_output_dir(config.checkpoint_dir))
         signature = None
-        if args.method in PEFT_METHODS and accelerator.is_main_process and not volumes:
+        if args.method in PEFT_METHODS and accelerator.is_main_process:
             # Of the frozen base, before the adapter is injected: what the router compares new images with.
             signature = center_signature(
                 base, processor, data, new_center, data_args.validation_fraction, args.false_rejection_rate

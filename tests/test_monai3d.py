@@ -308,3 +308,38 @@ def test_activation_checkpointing_gives_the_same_gradients_on_a_mixed_batch_and_
     for name, grad in grads.items():
         torch.testing.assert_close(grad, plain_grads[name], atol=1e-5, rtol=1e-4, msg=name)
     assert kept_bytes < 0.5 * plain_bytes
+
+
+# --------------------------------------------------------------------------- routing volumes
+def test_volume_signatures_route_each_center_reject_a_stranger_and_refuse_another_base(tmp_path):
+    """Two centers whose volumes differ in contrast: the base's features of a volume's central patch route new
+    volumes to their center, a volume unlike both goes to the base, and a signature meets only its own base."""
+    from peft_medseg.routing import CenterRouter, CenterSignature, compute_signature, volume_routing_input
+
+    model = unetr()
+    generator = torch.Generator().manual_seed(5)
+
+    def scans(center, count):
+        """Preprocessed volumes (C, D, H, W) larger than the model's 32³ patch, of one center's contrast."""
+        scale, offset = {"a": (1.0, 0.0), "b": (0.3, 2.0), "stranger": (4.0, -6.0)}[center]
+        return [offset + scale * torch.randn(2, 40, 36, 34, generator=generator) for _ in range(count)]
+
+    def patches(volumes):
+        return [volume_routing_input(model, volume) for volume in volumes]
+
+    signatures = {}
+    for center in ("a", "b"):
+        signature = compute_signature(model, center, patches(scans(center, 12)), patches(scans(center, 6)))
+        assert signature.image_size == (32, 32, 32) and signature.num_channels == 2
+        signature.save(tmp_path)
+        signatures[center] = CenterSignature.load(tmp_path / "center_signature.safetensors")
+    router = CenterRouter(signatures)
+    router.check_base(model)
+    new = patches(scans("a", 3) + scans("b", 3) + scans("stranger", 2))
+    routes = router.route(model, torch.cat(new))
+    assert routes.nearest[:6] == ["a"] * 3 + ["b"] * 3
+    # Thresholds keep about 95% of a center's own volumes (a calibrated distance up to 1); strangers lie far out.
+    assert sum(distance <= 1 for distance in routes.calibrated[:6]) >= 5
+    assert routes.adapter_names[6:] == ["__base__"] * 2 and min(routes.calibrated[6:]) > 2
+    with pytest.raises(ValueError, match="another base model"):
+        router.check_base(unetr(seed=1))

@@ -1,5 +1,6 @@
 """3D data and the 3D pipeline: NIfTI cases, MONAI transforms, sliding-window scoring, recipes end to end."""
 
+import csv
 import json
 import subprocess
 import sys
@@ -208,6 +209,17 @@ def test_3d_recipes_pretrain_finetune_and_predict_end_to_end(volume_root, tmp_pa
         str(scan / "case0_0001.nii.gz"),
     )
     mask = nibabel.load(next((out / "masks").glob("*.nii.gz")))
+    # The adapter carries its center signature (3D: the base's features of a volume's central patch), so a scan
+    # can be routed by it: to the adapter or, if unlike the center's volumes, to the base.
+    assert (adapter / "center_signature.safetensors").is_file()
+    routed = tmp_path / "routed"
+    run(
+        "recipes/predict.py", "--base_model", str(base_spec), "--adapters", str(adapter), "--route", "auto",
+        "--output_dir", str(routed), str(scan / "case0_0000.nii.gz"), str(scan / "case0_0001.nii.gz"),
+    )  # fmt: skip
+    with open(routed / "predictions.csv") as handle:
+        row = next(csv.DictReader(handle))
+    assert row["route"] in ("adapter", "__base__") and row["nearest_center"] == "adapter"
     reference = nibabel.load(volume_root / "site_b" / "labels" / "case0.nii.gz")
     assert mask.shape == reference.shape and np.allclose(mask.affine, reference.affine)
     assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1, 2}

@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from ..data import collate_segmentation  # noqa: E402
 from ..metrics import dice_per_class  # noqa: E402
-from ..routing import CenterRouter, CenterSignature, base_features  # noqa: E402
+from ..models3d import is_volume_model  # noqa: E402
+from ..routing import CenterRouter, CenterSignature, base_features, volume_routing_input  # noqa: E402
 from ..scoring import predict  # noqa: E402
 from ..visual_prompt import BASE_ADAPTER_NAME  # noqa: E402
 
@@ -51,7 +52,8 @@ def evaluate_routing(
     batch_size: int = 32,
     groups: Mapping[str, str] | None = None,
 ) -> dict:
-    """Routing on a transformed test split (`pixel_values`, `labels`, `center` rows).
+    """Routing on a transformed test split (`pixel_values`, `labels`, `center` rows; whole volumes for a 3D base,
+    routed by their central patch and segmented by sliding windows, one at a time).
 
     `signatures` are keyed by center. `adapters` names the centers that have an adapter in `model` (a peft model,
     adapter name = center); the other signature centers are the base's own and route to the base. With adapters,
@@ -62,10 +64,12 @@ def evaluate_routing(
     routable = list(adapters) or list(signatures)
     router = CenterRouter(signatures, base_centers=[c for c in signatures if c not in routable])
     model.eval()
+    volumes = is_volume_model(model)
     rows: list[dict] = []
-    for batch in DataLoader(test, batch_size=batch_size, collate_fn=collate_segmentation):
+    for batch in DataLoader(test, batch_size=1 if volumes else batch_size, collate_fn=collate_segmentation):
         pixel_values = batch["pixel_values"]
-        features = base_features(model, pixel_values).cpu()
+        routed_by = volume_routing_input(model, pixel_values[0]) if volumes else pixel_values
+        features = base_features(model, routed_by).cpu()
         routes = router.route_features(features)
         record = {
             "center": batch["center"],

@@ -9,7 +9,7 @@ own size: logits are resized to it before the argmax.
 A 3D base (MONAI's UNETR / Swin UNETR) segments a volume whole: its `VolumePreprocessing` (RAS orientation, voxel
 size, per-channel z-score) is applied with MONAI, sliding-window inference gives class probabilities, and MONAI's
 recorded inverse maps them back onto the scan's own voxels before the argmax, so the mask has the scan's shape and
-affine.
+affine. Routed (`route="auto"`), a volume goes by the base's features of its central patch of the model's size.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from ..data import SegmentationTransform
 from ..data.volumes import volume_input_transform
 from ..models import model_num_labels
 from ..models3d import VolumePreprocessing
-from ..routing import CenterRouter, base_features
+from ..routing import CenterRouter, base_features, volume_routing_input
 from ..scoring import volume_logits
 from ..storage import check_safe_name, is_adapter_folder, load_base
 from ..visual_prompt import BASE_ADAPTER_NAME
@@ -108,8 +108,6 @@ class Predictor:
         self.router = CenterRouter.from_adapters(self.adapters) if route == AUTO else None
         base, self.processor = load_base(base_model)
         self.volumes = isinstance(self.processor, VolumePreprocessing)
-        if self.volumes and route == AUTO:
-            raise ValueError("route 'auto' routes 2D bases (center signatures); choose a center for a 3D base.")
         if self.router is not None:
             self.router.check_base(base)  # against the bare base, before any adapter is injected
         self.model = load_adapters(base, self.adapters).to(device).eval()
@@ -156,7 +154,7 @@ class Predictor:
         if route not in (AUTO, BASE_ADAPTER_NAME, *self.adapters) or route == AUTO and self.router is None:
             raise ValueError(f"route {route!r}: this predictor offers {self.routes}.")
         if self.volumes:
-            return [Prediction(scan, self._volume_mask(scan, route), route) for scan in scans]
+            return [self._volume_prediction(scan, route) for scan in scans]
         slices = [self._slices(scan) for scan in scans]
         owners = [i for i, group in enumerate(slices) for _ in group]
         images = [image for group in slices for image in group]
@@ -207,8 +205,9 @@ class Predictor:
             masks.append(row[0].argmax(dim=0).to(torch.uint8).cpu().numpy())
         return masks
 
-    def _volume_mask(self, scan: Scan, route: str) -> np.ndarray:
-        """A 3D model's mask of a whole volume on the scan's own voxels (X, Y, Z)."""
+    def _volume_prediction(self, scan: Scan, route: str) -> Prediction:
+        """A 3D model's mask of a whole volume on the scan's own voxels (X, Y, Z); with `route="auto"` the volume is
+        routed by its central patch (`volume_routing_input`) first."""
         if not scan.is_volume:
             raise ValueError(f"{scan.input.source}: a 2D image; this 3D base segments volumes.")
         if scan.array.shape[0] != self.processor.num_channels:
@@ -217,14 +216,24 @@ class Predictor:
             )
         image = MetaTensor(torch.as_tensor(scan.array, dtype=torch.float32), affine=torch.as_tensor(scan.affine))
         prepared = self.volume_transform(image)
-        name = route if self.adapters else None
+        routed = {"route": route}
+        if route == AUTO:
+            patch = volume_routing_input(self.model, prepared.as_tensor()).to(self.device)
+            routes = self.router.route_features(base_features(self.model, patch).cpu())
+            routed = {
+                "route": routes.adapter_names[0],
+                "nearest": routes.nearest[0],
+                "distance": routes.distances[0],
+                "calibrated_distance": routes.calibrated[0],
+            }
+        name = routed["route"] if self.adapters else None
         logits = volume_logits(
             self.model, prepared.as_tensor().to(self.device), name, self.processor.sliding_window_overlap
         )
         probabilities = MetaTensor(logits.softmax(dim=0).cpu(), affine=prepared.affine)
         probabilities.applied_operations = prepared.applied_operations
         restored = self.volume_transform.inverse(probabilities)
-        return restored.argmax(dim=0).to(torch.uint8).numpy()
+        return Prediction(scan, restored.argmax(dim=0).to(torch.uint8).numpy(), **routed)
 
     def iter_batches(self, scans: Sequence) -> Iterator[list]:
         """`scans` in groups of `batch_size`, one `predict` call each."""

@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader
 
 from ..data import select_centers
 from ..models import build_segmentation_model, model_num_labels
-from ..routing import DEFAULT_FALSE_REJECTION_RATE, CenterSignature, compute_signature
+from ..models3d import is_volume_model
+from ..routing import DEFAULT_FALSE_REJECTION_RATE, CenterSignature, compute_signature, volume_routing_input
 from .data import eval_transform, split_validation, train_transform
 from .loop import TrainingConfig, TrainingResult, train_segmentation
 from .methods import (
@@ -135,13 +136,18 @@ def center_signature(
 ) -> CenterSignature:
     """The routing signature of `center` (see `peft_medseg.routing`) from the frozen `base`: statistics of its
     features on the center's training cases, threshold calibrated on the same validation cases as `finetune_center`.
-    Call it on the base before adapting (or on the adapted peft model: adapters are disabled while it looks)."""
+    Call it on the base before adapting (or on the adapted peft model: adapters are disabled while it looks).
+    A volume counts by its central patch of the model's size (`volume_routing_input`)."""
     fit, calibration = split_validation(select_centers(data["train"], center), validation_fraction)
     transform = eval_transform(image_processor)
+    volumes = is_volume_model(base)
 
     def batches(rows):
-        rows = rows.select_columns(["image", "label", "center"])
+        rows = rows.select_columns(["image", "label", "center", *(["case_id"] if volumes else [])])
         rows.set_transform(transform)
-        yield from DataLoader(rows, batch_size=batch_size, collate_fn=_stack_pixel_values)
+        if volumes:  # whole volumes differ in size: one central patch each
+            yield from (volume_routing_input(base, rows[i]["pixel_values"]) for i in range(len(rows)))
+        else:
+            yield from DataLoader(rows, batch_size=batch_size, collate_fn=_stack_pixel_values)
 
     return compute_signature(base, center, batches(fit), batches(calibration), false_rejection_rate)
