@@ -99,7 +99,7 @@ def summarize(rows: list[dict], output_dir: str | Path) -> str:
         full_new = _stats([r["new_dice"] for r in by_method.get("full", [])])[0]
         markdown.append(
             "| method | trainable | trained weights on disk | new-center Dice | share of full fine-tuning's gain | "
-            "new-center HD95 (px) | "
+            "new-center HD95 (px; volumes: mm) | "
             "old centers, paper protocol (Δ) | old centers, routed (Δ) | time/epoch vs full | peak memory vs full |"
         )
         markdown.append("|---|---|---|---|---|---|---|---|---|---|")
@@ -139,6 +139,15 @@ def summarize(rows: list[dict], output_dir: str | Path) -> str:
                     "peak_memory_vs_full": mem_ratio,
                 }
             )
+        per_class = sorted({label for r in full_runs for label in r.get("new_dice_aggregated") or {}}, key=int)
+        if per_class:
+            # Pooled over the center's voxels (HECKTOR's DSCagg): cases without a small lesion add no perfect 1s.
+            markdown.append(f"\nAggregated Dice (DSCagg) per class on `{held_out}`, by class id:\n")
+            markdown.append("| method | " + " | ".join(per_class) + " |")
+            markdown.append("|---|" + "---|" * len(per_class))
+            for method, runs in by_method.items():
+                cells = [_fmt(*_stats([(r.get("new_dice_aggregated") or {}).get(c) for r in runs])) for c in per_class]
+                markdown.append(f"| {method} | " + " | ".join(cells) + " |")
         shots = sorted({r["num_train_cases"] for r in split if r["num_train_cases"]})
         few_methods = sorted({r["method"] for r in split if r["num_train_cases"]})
         curves = {}
