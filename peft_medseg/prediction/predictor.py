@@ -27,7 +27,7 @@ from ..data import SegmentationTransform
 from ..data.volumes import volume_input_transform
 from ..models import model_num_labels
 from ..models3d import VolumePreprocessing
-from ..routing import CenterRouter, base_features, volume_routing_input
+from ..routing import CenterRouter, Routes, base_features, volume_routing_input
 from ..scoring import volume_logits
 from ..storage import check_safe_name, is_adapter_folder, load_base
 from ..visual_prompt import BASE_ADAPTER_NAME
@@ -190,11 +190,7 @@ class Predictor:
         # A volume is routed as a whole: the mean over its slices of the features, so all slices take one adapter.
         owner_index = torch.tensor(owners)
         per_scan = torch.stack([features[owner_index == i].mean(dim=0) for i in range(num_scans)])
-        routes = self.router.route_features(per_scan)
-        return [
-            {"route": name, "nearest": near, "distance": dist, "calibrated_distance": cal}
-            for name, near, dist, cal in zip(routes.adapter_names, routes.nearest, routes.distances, routes.calibrated)
-        ]
+        return _route_records(self.router.route_features(per_scan))
 
     def _masks(self, batch: torch.Tensor, names: list[str], sizes: list[tuple[int, int]]) -> list[np.ndarray]:
         kwargs = {"adapter_names": names} if self.adapters else {}
@@ -219,13 +215,7 @@ class Predictor:
         routed = {"route": route}
         if route == AUTO:
             patch = volume_routing_input(self.model, prepared.as_tensor()).to(self.device)
-            routes = self.router.route_features(base_features(self.model, patch).cpu())
-            routed = {
-                "route": routes.adapter_names[0],
-                "nearest": routes.nearest[0],
-                "distance": routes.distances[0],
-                "calibrated_distance": routes.calibrated[0],
-            }
+            routed = _route_records(self.router.route_features(base_features(self.model, patch).cpu()))[0]
         name = routed["route"] if self.adapters else None
         logits = volume_logits(
             self.model, prepared.as_tensor().to(self.device), name, self.processor.sliding_window_overlap
@@ -239,6 +229,14 @@ class Predictor:
         """`scans` in groups of `batch_size`, one `predict` call each."""
         for start in range(0, len(scans), self.batch_size):
             yield list(scans[start : start + self.batch_size])
+
+
+def _route_records(routes: Routes) -> list[dict]:
+    """Per routed scan, the `Prediction` fields of its route: the adapter used, the nearest center and distances."""
+    return [
+        {"route": name, "nearest": near, "distance": dist, "calibrated_distance": cal}
+        for name, near, dist, cal in zip(routes.adapter_names, routes.nearest, routes.distances, routes.calibrated)
+    ]
 
 
 def load_adapters(base: nn.Module, adapters: Mapping[str, str | Path]) -> nn.Module:
