@@ -25,7 +25,8 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# The demo: embedded synthetic MRI, a tiny base pretrained on 4 centers, the default adapter (DEFAULT_METHOD) for the held-out 5th,
+# The demo: embedded synthetic MRI, a tiny BEiT/UperNet base (decodes at half resolution) pretrained on 4 centers, the
+# default adapter (DEFAULT_METHOD) for the held-out 5th,
 # the center x center matrix, routing by center signatures, and masks for test scans routed automatically.
 DEMO := outputs/demo
 DEMO_CENTERS := t1w_3t t1w_1p5t t1w_3t_lowres pdw_1p5t
@@ -33,7 +34,7 @@ DEMO_NEW := flair_1p5t
 DEMO_ADAPTER := $(DEMO)/center-$(DEMO_NEW)
 
 demo: $(VENV)/.installed
-	$(PY) recipes/pretrain_base.py --base tiny --centers $(DEMO_CENTERS) --image_size 64 --num_epochs 60 \
+	$(PY) recipes/pretrain_base.py --base beit-tiny --centers $(DEMO_CENTERS) --image_size 64 --num_epochs 60 \
 		--learning_rate 2e-3 --output_dir $(DEMO)/base
 	$(PY) recipes/finetune_center.py --base_model $(DEMO)/base --new_center $(DEMO_NEW) \
 		--num_train_cases 8 --num_epochs 30 --eval_centers $(DEMO_CENTERS) $(DEMO_NEW) --output_dir $(DEMO_ADAPTER)

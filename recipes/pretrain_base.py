@@ -45,8 +45,9 @@ class PretrainArguments:
     base: str = field(
         default="tiny",
         metadata={
-            "help": "'tiny', 'tiny-encoder' or 'small' (offline 2D configs), a Hub backbone id or folder, or a 3D "
-            "config: 'unetr-tiny', 'unetr-small', 'unetr-base', 'swin-unetr-tiny' (MONAI; volumes)."
+            "help": "'tiny', 'tiny-encoder', 'small', 'beit-tiny' or 'segformer-tiny' (offline 2D configs), a Hub "
+            "backbone id or folder, or a 3D config: 'unetr-tiny', 'unetr-small', 'unetr-base', 'swin-unetr-tiny' "
+            "(MONAI; volumes)."
         },
     )
     centers: list[str] | None = field(default=None, metadata={"help": "Centers to train on (default: all)."})

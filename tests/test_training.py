@@ -273,3 +273,43 @@ def test_segformer_methods_key_value_prompts_and_lora():
     names_lora = trainable_names(prepare_model(build_segmentation_model("segformer-tiny", NUM_LABELS, 32), "lora"))
     stages = {n.split(".blocks.")[0] for n in names_lora if "lora_" in n}
     assert stages == {f"base_model.model.segformer.stages.{i}" for i in range(4)}
+
+
+def test_beit_tiny_decodes_finer_and_the_default_adapter_round_trips(tmp_path):
+    """The demo's base: BEiT's FPN hands the UperNet head maps up to 4x the token grid, so the head decodes at half
+    the input size (`tiny`: 1/8). The default method trains on it, its frozen FPN BatchNorm stays put, and the saved
+    adapter reloads onto a fresh base with the same outputs."""
+    from peft import PeftModel
+
+    from peft_medseg.training import DEFAULT_METHOD
+
+    def beit():
+        torch.manual_seed(0)
+        return build_segmentation_model("beit-tiny", NUM_LABELS, image_size=IMAGE_SIZE).eval()
+
+    base = beit()
+    head_inputs = []
+    base.decode_head.register_forward_pre_hook(lambda module, args: head_inputs.append(args[0]))
+    x = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        base(pixel_values=x)
+    assert max(f.shape[-1] for f in head_inputs[0]) == IMAGE_SIZE // 2
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    model = set_train_mode(prepare_model(base, DEFAULT_METHOD))
+    assert not model.base_model.model.fpn.fpn1.normalization.training  # frozen BatchNorm of the backbone's FPN
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    labels = torch.randint(0, NUM_LABELS, (2, IMAGE_SIZE, IMAGE_SIZE))
+    for _ in range(2):
+        loss = segmentation_loss(model(pixel_values=x).logits, labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        expected = model(pixel_values=x).logits
+    model.save_pretrained(tmp_path / "adapter")
+    for key, value in model.unload().state_dict().items():
+        assert torch.equal(value, before[key]), key
+    reloaded = PeftModel.from_pretrained(beit(), str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixel_values=x).logits, expected)

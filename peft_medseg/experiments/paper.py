@@ -87,7 +87,8 @@ class ProtocolConfig:
     base: str = field(
         default="tiny",
         metadata={
-            "help": "Named base config (tiny, tiny-encoder, small; 3D: unetr-tiny, swin-unetr-tiny) or a Hub id."
+            "help": "Named base config (tiny, tiny-encoder, small, beit-tiny, segformer-tiny; 3D: unetr-tiny, "
+            "swin-unetr-tiny) or a Hub id."
         },
     )
     image_size: int = field(default=64, metadata={"help": "Side of the square model input."})
