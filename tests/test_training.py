@@ -289,10 +289,11 @@ def test_beit_tiny_decodes_finer_and_the_default_adapter_round_trips(tmp_path):
 
     base = beit()
     head_inputs = []
-    base.decode_head.register_forward_pre_hook(lambda module, args: head_inputs.append(args[0]))
+    hook = base.decode_head.register_forward_pre_hook(lambda module, args: head_inputs.append(args[0]))
     x = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
     with torch.no_grad():
         base(pixel_values=x)
+    hook.remove()
     assert max(f.shape[-1] for f in head_inputs[0]) == IMAGE_SIZE // 2
     before = {k: v.clone() for k, v in base.state_dict().items()}
     model = set_train_mode(prepare_model(base, DEFAULT_METHOD))
