@@ -100,11 +100,7 @@ SEGFORMER_TINY = dict(hidden_sizes=[32, 64, 160, 256], depths=[1, 1, 1, 1], deco
 # resolution instead of `tiny`'s 1/8. On the embedded data this lifts the base's in-distribution Dice from 0.65-0.67
 # to 0.83 (README, `make demo`); the encoder is a plain ViT too, so token prompts work on it unchanged.
 BEIT_TINY = dict(
-    hidden_size=64,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    intermediate_size=128,
-    patch_size=8,
+    {key: value for key, value in NAMED_CONFIGS["tiny"].items() if key != "head_channels"},
     out_indices=[1, 2, 3, 4],
     use_relative_position_bias=True,
     use_auxiliary_head=False,
