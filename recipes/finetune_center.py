@@ -67,7 +67,16 @@ class FinetuneArguments:
     base_model: str = field(metadata={"help": "Folder (or Hub id) of the base saved by pretrain_base.py."})
     output_dir: str = field(metadata={"help": "Where the adapter (or full model) and evaluation.json go."})
     method: Literal[
-        "vpt-deep", "vpt-shallow", "vpt-deep-norms", "vpt-deep-head", "vpt-kv", "lora", "decoder", "classifier", "full"
+        "vpt-deep",
+        "vpt-shallow",
+        "vpt-deep-norms",
+        "vpt-deep-head",
+        "vpt-deep-decoder",
+        "vpt-kv",
+        "lora",
+        "decoder",
+        "classifier",
+        "full",
     ] = field(
         default=DEFAULT_METHOD,
         metadata={"help": "See peft_medseg.training.METHODS; the default won in the README."},

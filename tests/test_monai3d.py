@@ -257,13 +257,16 @@ def test_token_prompts_on_swin_unetr_point_to_key_value_mode():
 # --------------------------------------------------------------------------- activation checkpointing
 def adapted_for_checkpointing(kind, seed=0):
     """Two trainable center adapters with head norms and head updates (the default method's parts) on a tiny UNETR
-    (deep or shallow token prompts) or Swin UNETR (key/value prompts), every adapter weight moved off its init."""
-    from peft_medseg.training import head_norm_modules
+    (deep or shallow token prompts) or Swin UNETR (key/value prompts), or with a copy of the whole decoder
+    (`vpt-deep-decoder`) on UNETR, every adapter weight moved off its init."""
+    from peft_medseg.training import decoder_modules, head_norm_modules
 
     base = swin_unetr(seed) if kind == "swin" else unetr(seed, norm_name=("instance", {"affine": True}))
     saved = ["out.conv.conv", *head_norm_modules(base)]
-    mode = dict(prompt_mode="key_value") if kind == "swin" else dict(deep=kind == "deep")
+    mode = dict(prompt_mode="key_value") if kind == "swin" else dict(deep=kind != "shallow")
     config = dict(num_virtual_tokens=3, head_rank=2, prompt_dropout=0.0, modules_to_save=saved, **mode)
+    if kind == "decoder":
+        config.update(head_rank=0, modules_to_save=decoder_modules(base))
     model = get_peft_model(base, VisualPromptConfig(**config))
     model.add_adapter("b", VisualPromptConfig(**config))
     generator = torch.Generator().manual_seed(seed + 7)
@@ -275,7 +278,7 @@ def adapted_for_checkpointing(kind, seed=0):
     return model.train()
 
 
-@pytest.mark.parametrize("kind", ["deep", "shallow", "swin"])
+@pytest.mark.parametrize("kind", ["deep", "shallow", "swin", "decoder"])
 def test_activation_checkpointing_gives_the_same_gradients_on_a_mixed_batch_and_keeps_less(kind):
     from peft_medseg.training import enable_gradient_checkpointing
 
@@ -300,7 +303,9 @@ def test_activation_checkpointing_gives_the_same_gradients_on_a_mixed_batch_and_
     plain_grads, plain_bytes = step(adapted_for_checkpointing(kind))
     model = adapted_for_checkpointing(kind)
     checkpointed = enable_gradient_checkpointing(model)
-    assert any(name.startswith(("vit.", "swinViT.")) for name in checkpointed) and "decoder2" in checkpointed
+    assert any(name.startswith(("vit.", "swinViT.")) for name in checkpointed)
+    decoder2 = ["decoder2.original_module", "decoder2.modules_to_save.default", "decoder2.modules_to_save.b"]
+    assert set(decoder2) <= set(checkpointed) if kind == "decoder" else "decoder2" in checkpointed
     grads, kept_bytes = step(model)
     assert set(grads) == set(plain_grads)
     # Every center's prompts, head updates and norm copies get a gradient, each as without checkpointing.

@@ -94,6 +94,10 @@ def test_prepare_model_trains_exactly_the_method_parameters(method):
             if isinstance(m, torch.nn.Conv2d) and ".decode_head." in n and "classifier" not in n and "vpt_" not in n
             and "modules_to_save" not in n and "original_module" not in n
         }  # fmt: skip
+    elif method == "vpt-deep-decoder":
+        assert all("vpt_prompt" in n or n.startswith("base_model.model.decode_head.modules_to_save.") for n in names)
+        head = sum(p.numel() for p in tiny_base().decode_head.parameters())
+        assert sum(p.numel() for n, p in model.named_parameters() if n in names and "vpt_prompt" not in n) == head
     elif method.startswith("vpt"):
         assert all("vpt_prompt" in n or "classifier.modules_to_save" in n for n in names)
         assert any("vpt_prompt" in n for n in names) and any("classifier" in n for n in names)
@@ -314,3 +318,48 @@ def test_beit_tiny_decodes_finer_and_the_default_adapter_round_trips(tmp_path):
     reloaded = PeftModel.from_pretrained(beit(), str(tmp_path / "adapter")).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(pixel_values=x).logits, expected)
+
+
+def test_vpt_deep_decoder_routes_whole_head_copies_per_sample_and_leaves_the_base(tmp_path):
+    """The opt-in `vpt-deep-decoder`: each center's own copy of the whole decode head, in one peft adapter. A mixed
+    batch equals each group of samples run alone, in eval mode and in train mode (a copy's BatchNorms normalise with
+    their own group's statistics), base rows take the base, and the base comes back bit-identical."""
+    from peft import PeftModel
+
+    import peft_medseg
+
+    base = tiny_base()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    for center, seed in (("A", 3), ("B", 4)):
+        model = prepare_model(tiny_base(), "vpt-deep-decoder", num_virtual_tokens=2, prompt_dropout=0.0)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():  # trained-looking weights: an untouched copy equals the base and would hide a bad route
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.add_(0.05 * torch.randn(param.shape, generator=generator))
+        model.save_pretrained(tmp_path / center)
+    model = PeftModel.from_pretrained(base, str(tmp_path / "A"), adapter_name="A")
+    model.load_adapter(str(tmp_path / "B"), adapter_name="B")
+    x = torch.randn(3, 3, IMAGE_SIZE, IMAGE_SIZE)
+    names = ["B", peft_medseg.BASE_ADAPTER_NAME, "A"]
+    model.eval()
+    with torch.no_grad():
+        mixed = model(pixel_values=x, adapter_names=names).logits
+        for row, name in enumerate(names):
+            if name == peft_medseg.BASE_ADAPTER_NAME:
+                with model.disable_adapter():
+                    alone = model(pixel_values=x[row : row + 1]).logits
+            else:
+                model.set_adapter(name)
+                alone = model(pixel_values=x[row : row + 1]).logits
+            torch.testing.assert_close(mixed[row : row + 1], alone, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(mixed[0], mixed[2], atol=1e-3)  # two centers, two heads
+    # Train mode: rows 0 and 2 (A) form one group, so their head copy sees a batch of two.
+    names = ["A", "B", "A"]
+    set_train_mode(model)
+    with torch.no_grad():
+        mixed = model(pixel_values=x, adapter_names=names).logits
+        model.set_adapter("A")
+        torch.testing.assert_close(mixed[[0, 2]], model(pixel_values=x[[0, 2]]).logits, atol=1e-5, rtol=1e-5)
+    for key, value in model.unload().state_dict().items():
+        assert torch.equal(value, before[key]), key

@@ -55,6 +55,7 @@ PAPER_METHODS = (
     "vpt-deep",
     "vpt-deep-norms",
     "vpt-deep-head",
+    "vpt-deep-decoder",
     "lora",
 )
 

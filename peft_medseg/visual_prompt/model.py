@@ -343,22 +343,46 @@ def keep_frozen_norms_in_eval(model: nn.Module) -> nn.Module:
     return model
 
 
-def _route_per_sample(wrapper: ModulesToSaveWrapper, x: torch.Tensor, *args, adapter_names: list[str], **kwargs):
+def _route_per_sample(wrapper: ModulesToSaveWrapper, *args, adapter_names: list[str], **kwargs):
     """A modules_to_save wrapper's forward for a mixed batch: each group of samples through its center's copy.
 
     Samples of a center without a copy of this module, and `"__base__"` samples, take the original module. Groups run
     separately, so a BatchNorm copy in training normalises with its own center's batch statistics, exactly as in
-    separate passes.
+    separate passes. Every input tensor with one row per sample is split, also inside tuples and lists (a whole decode
+    head takes the encoder's feature maps, a 3D decoder block its skip connection); the outputs (a tensor, or a
+    tuple/list of them) are put back in the batch's order.
     """
     if wrapper.disable_adapters:
-        return wrapper.original_module(x, *args, **kwargs)
+        return wrapper.original_module(*args, **kwargs)
+    batch = len(adapter_names)
     outputs, order = [], []
     for name in dict.fromkeys(adapter_names):
         rows = [i for i, n in enumerate(adapter_names) if n == name]
         module = wrapper.modules_to_save[name] if name in wrapper.modules_to_save else wrapper.original_module
-        outputs.append(module(x[rows], *args, **kwargs))
+        outputs.append(module(*_take_rows(args, rows, batch), **_take_rows(kwargs, rows, batch)))
         order.extend(rows)
-    return torch.cat(outputs)[torch.argsort(torch.tensor(order, device=x.device))]
+    return _join_rows(outputs, torch.argsort(torch.tensor(order)))
+
+
+def _take_rows(value, rows: list[int], batch: int):
+    """`value` with every tensor that has one row per sample cut to `rows`, looking into tuples, lists and dicts."""
+    if isinstance(value, torch.Tensor):
+        return value[rows] if value.dim() > 0 and value.shape[0] == batch else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_take_rows(v, rows, batch) for v in value)
+    if isinstance(value, dict):
+        return {k: _take_rows(v, rows, batch) for k, v in value.items()}
+    return value
+
+
+def _join_rows(groups: list, inverse: torch.Tensor):
+    """Concatenate the groups' outputs (tensors, or tuples/lists of them) and restore the batch's order."""
+    first = groups[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(groups)[inverse.to(first.device)]
+    if isinstance(first, (tuple, list)):
+        return type(first)(_join_rows(list(parts), inverse) for parts in zip(*groups))
+    raise TypeError(f"A module copied per center returned {type(first).__name__}; a mixed batch routes tensors only.")
 
 
 def _inject_adapter_names(module, args, kwargs, adapter_names):
