@@ -33,8 +33,8 @@ than its norms can express (README, "What we measured").
 `vpt-deep-decoder` is the opt-in for when the last points matter more than the adapter's size: next to the prompts,
 each center trains its own copy of the whole decode head (peft's `modules_to_save`), as decoder fine-tuning does, but
 as one adapter that routes per sample and leaves the shared base untouched. Its size is the head's: small under a
-large pretrained encoder (4.6% of the `tiny-encoder` base), large under UperNet's head on a tiny encoder (68% of
-`tiny`).
+large encoder (4.6% of the `tiny-encoder` base, 4.6% of the paper-sized `unetr-base`), large under UperNet's head on a
+tiny encoder (68% of `tiny`).
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ HEAD_RANK = 2
 # and the head sit in between. `--learning_rate` overrides these. `vpt-deep-head`'s rate was chosen on the validation
 # splits of the development benchmark (README, "Real shift, every split"): 1e-2 had the best validation Dice on every
 # screened split and base (3e-2 and 1e-1 lower), and is used for every split. `vpt-deep-decoder`'s rate likewise:
-# 1e-2 had the best validation Dice on `tiny-encoder`/`busi` (3e-3 and 3e-2 lower; README, "Real shift").
+# 1e-2 had the best validation Dice on `tiny-encoder`/`busi` (3e-3 and 3e-2 lower) and on `tiny`/`busi` and
+# `tiny`/`busbra_logiq7` (3e-2 lower; README, "Real shift").
 DEFAULT_LEARNING_RATES: dict[str, float] = {
     "vpt-deep": 3e-2,
     "vpt-shallow": 3e-2,
