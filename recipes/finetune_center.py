@@ -5,6 +5,7 @@ r"""Adapt a pretrained base to one new center: visual prompts, LoRA, the decode 
         --output_dir outputs/vpt-deep-flair_1p5t
 
     # Baselines: --method vpt-shallow | lora | decoder | classifier | full (full/decoder/classifier save full models).
+    # Opt-in: --method vpt-deep-decoder (each center's own copy of the decode head in the adapter: head-sized).
     # Two processes on CPU (gloo) or GPUs, bf16, gradient accumulation, TensorBoard, checkpoints every 50 steps:
     accelerate launch --num_processes 2 recipes/finetune_center.py --base_model outputs/base-tiny \
         --method vpt-deep --mixed_precision bf16 --gradient_accumulation_steps 2 --report_to tensorboard \
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Literal
 
 from peft_medseg.data import load_multicenter_dataset, parse_label_map, select_centers
 from peft_medseg.models import model_num_labels
@@ -41,6 +41,7 @@ from peft_medseg.scoring import absent_classes_note, evaluate_segmentation, json
 from peft_medseg.storage import claim_output_dir, load_base, save_finetuned
 from peft_medseg.training import (
     DEFAULT_METHOD,
+    METHODS,
     PEFT_METHODS,
     VPT_METHODS,
     TrainingConfig,
@@ -66,20 +67,9 @@ class FinetuneArguments:
 
     base_model: str = field(metadata={"help": "Folder (or Hub id) of the base saved by pretrain_base.py."})
     output_dir: str = field(metadata={"help": "Where the adapter (or full model) and evaluation.json go."})
-    method: Literal[
-        "vpt-deep",
-        "vpt-shallow",
-        "vpt-deep-norms",
-        "vpt-deep-head",
-        "vpt-deep-decoder",
-        "vpt-kv",
-        "lora",
-        "decoder",
-        "classifier",
-        "full",
-    ] = field(
+    method: str = field(
         default=DEFAULT_METHOD,
-        metadata={"help": "See peft_medseg.training.METHODS; the default won in the README."},
+        metadata={"help": "See peft_medseg.training.METHODS; the default won in the README.", "choices": METHODS},
     )
     new_center: str | None = field(
         default=None, metadata={"help": "The center to adapt to (default: the synthetic held-out center)."}
