@@ -147,7 +147,7 @@ def prepare_model(
 
         if method in ("vpt-deep-norms", "vpt-deep-head"):
             head = (head or []) + head_norm_modules(base)
-        if method == "vpt-deep-decoder":
+        elif method == "vpt-deep-decoder":  # the whole head, the classifier included
             head = decoder_modules(base)
         config = VisualPromptConfig(
             num_virtual_tokens=num_virtual_tokens,
