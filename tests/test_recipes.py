@@ -174,7 +174,8 @@ config = TrainingConfig(learning_rate=3e-2, num_epochs=2, batch_size=int(sys.arg
 train_segmentation(model, train, validation, 3, config, accelerator)
 state = {{n: p.detach().contiguous() for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}}
 save_file(state, f"{{sys.argv[3]}}/rank{{accelerator.process_index}}-of-{{accelerator.num_processes}}.safetensors")
-print(accelerator.distributed_type, accelerator.num_processes)
+if accelerator.is_main_process:  # one writer: two ranks printing at once interleave their lines
+    print(accelerator.distributed_type, accelerator.num_processes)
 """
 
 

@@ -274,7 +274,8 @@ state = {n: p.detach().float().contiguous() for n, p in accelerator.unwrap_model
          if p.requires_grad}
 name = f"{precision}-rank{accelerator.process_index}-of-{accelerator.num_processes}"
 save_file(state, f"{out}/{name}.safetensors")
-print(accelerator.distributed_type, accelerator.num_processes, accelerator.mixed_precision)
+if accelerator.is_main_process:  # one writer: two ranks printing at once interleave their lines
+    print(accelerator.distributed_type, accelerator.num_processes, accelerator.mixed_precision)
 """
 
 
