@@ -94,13 +94,18 @@ def test_new_adapter_starts_as_the_base_head_and_training_leaves_the_base_bit_id
     assert all(torch.equal(original[k], v) for k, v in unloaded.state_dict().items())
 
 
-def test_round_trip_and_mixed_batch_equal_per_sample(tmp_path):
+@pytest.mark.parametrize("depthwise_of_b", [False, True])
+def test_round_trip_and_mixed_batch_equal_per_sample(tmp_path, depthwise_of_b):
+    """Two centers' adapters in one batch (with `depthwise_of_b`, only B has depthwise filters) equal each row alone."""
     base = tiny_base()
-    for center, seed in (("A", 3), ("B", 4)):
-        model = get_peft_model(copy.deepcopy(base), VisualPromptConfig(num_virtual_tokens=2, head_rank=2,
-                                                                       modules_to_save=CLASSIFIER))  # fmt: skip
-        perturb(model, seed=seed).save_pretrained(tmp_path / center)
+    for center, seed, depthwise in (("A", 3, False), ("B", 4, depthwise_of_b)):
+        config = VisualPromptConfig(
+            num_virtual_tokens=2, head_rank=2, head_depthwise=depthwise, modules_to_save=CLASSIFIER
+        )
+        perturb(get_peft_model(copy.deepcopy(base), config), seed=seed).save_pretrained(tmp_path / center)
     assert any("head_update.vpt_down" in k for k in load_file(tmp_path / "A" / "adapter_model.safetensors"))
+    saved_b = load_file(tmp_path / "B" / "adapter_model.safetensors")
+    assert any("head_update.vpt_depthwise" in k for k in saved_b) is depthwise_of_b
     model = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "A"), adapter_name="A")
     model.load_adapter(str(tmp_path / "B"), adapter_name="B")
     model.eval()
@@ -136,6 +141,8 @@ def test_round_trip_and_mixed_batch_equal_per_sample(tmp_path):
         ({"head_rank": 2, "head_modules": ["decode_head\\.nothing"]}, "matches no Conv2d"),
         ({"head_rank": 2, "head_modules": ["decode_head\\.classifier"], "modules_to_save": CLASSIFIER}, "not both"),
         ({"head_rank": 2, "head_modules": ["("]}, "not a regular expression"),
+        ({"head_rank": 0, "head_depthwise": True}, "needs head_rank >= 1"),
+        ({"head_rank": 2, "head_depthwise": "yes"}, "head_depthwise must be a bool"),
     ],
 )
 def test_bad_head_config_is_refused_before_the_model_changes(fields, message):
@@ -170,3 +177,38 @@ def test_update_of_one_conv_equals_the_conv_plus_up_down_by_hand(conv, folds):
     strided = x[(slice(None), slice(None), *[slice(None, None, s) for s in conv.stride])]
     expected = type(conv).forward(conv, x) + torch.einsum("or,ri,bi...->bo...", up, down, strided)
     torch.testing.assert_close(conv(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_depthwise_filter_equals_a_hand_written_filter_of_every_updated_conv_output():
+    """`head_depthwise`: each updated head conv's output `y` becomes `y + depthwise(y)`, a 3x3 filter per channel
+    (`groups=channels`, zero padding), after its low-rank update; a new adapter's filters start at zero."""
+    base = tiny_base()
+    config = dict(num_virtual_tokens=2, head_rank=2, modules_to_save=CLASSIFIER)
+    torch.manual_seed(0)
+    fresh = get_peft_model(copy.deepcopy(base), VisualPromptConfig(head_depthwise=True, **config)).eval()
+    filters = [p for n, p in fresh.named_parameters() if ".vpt_depthwise." in n]
+    assert filters and all(p.requires_grad and not p.any() for p in filters)
+    model = perturb(fresh).eval()
+    reference = get_peft_model(copy.deepcopy(base), VisualPromptConfig(**config)).eval()
+    reference.load_state_dict({k: v for k, v in model.state_dict().items() if "vpt_depthwise" not in k}, strict=True)
+    for name, conv in model.base_model.model.named_modules():
+        if hasattr(conv, "head_update"):
+            kernel = conv.head_update.vpt_depthwise["default"].weight  # (channels, 1, 3, 3)
+
+            def by_hand(module, inputs, output, kernel=kernel):
+                channels = output.shape[1]
+                taps = torch.nn.functional.pad(output, (1, 1, 1, 1))
+                height, width = output.shape[-2:]
+                filtered = sum(
+                    kernel[:, 0, i, j].view(1, channels, 1, 1) * taps[:, :, i : i + height, j : j + width]
+                    for i in range(3)
+                    for j in range(3)
+                )
+                return output + filtered
+
+            reference.base_model.model.get_submodule(name).register_forward_hook(by_hand)
+    x = pixels()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(pixel_values=x).logits, reference(pixel_values=x).logits, atol=1e-5, rtol=1e-5
+        )

@@ -310,6 +310,7 @@ def test_3d_training_data_parallel_on_two_processes_equals_one_and_runs_in_bf16(
         load_file(tmp_path / "bf16-rank0-of-1.safetensors"),
     )
     assert any(".head_update." in key for key in single) and any("modules_to_save" in key for key in single)
+    assert not any(".vpt_depthwise." in key for key in single)  # the depthwise head filters are 2D-only
     for key in rank0:
         torch.testing.assert_close(rank1[key], rank0[key], rtol=0, atol=0)  # DDP keeps the ranks identical
         # One Adam step of 3e-2: equal up to summation order (an element whose gradient is near zero moves by a

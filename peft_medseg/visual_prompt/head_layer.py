@@ -5,7 +5,9 @@ Prompts adapt what the encoder computes; on real center pairs much of the adapta
 sits in the decode head (README, "What we measured"). `head_rank > 0` gives each center, in the same adapter, a
 low-rank update of every head convolution: `conv(x) + up(down(x))`, with `down` a 1x1 convolution to `head_rank`
 channels (the conv's stride) and `up` a 1x1 convolution back, initialised to zero so a new adapter starts as the base.
-Mixed-center batches route it per sample, like the prompts.
+Mixed-center batches route it per sample, like the prompts. With `head_depthwise`, each center also gets a
+depthwise 3x3 (3x3x3) filter on the updated conv's output, `y + depthwise(y)`, starting at zero: a per-channel spatial
+change of the head, which a 1x1 update cannot make.
 
 Where the conv's kernel is centred ("same" padding, odd kernel, no dilation or groups: every conv of UperNet's and
 UNETR's heads) the update is folded into the conv's weight at the kernel's centre tap, `conv(x; W + up·down)`: the
@@ -28,7 +30,7 @@ class HeadUpdateLayer(nn.Module, BaseTunerLayer):
     """Low-rank updates of one convolution for every adapter; a child of the conv (`conv.head_update`), whose
     `forward` is overridden on the instance to add the update of each sample's adapter."""
 
-    adapter_layer_names = ("vpt_down", "vpt_up")
+    adapter_layer_names = ("vpt_down", "vpt_up", "vpt_depthwise")
     other_param_names = ()
 
     def __init__(self, conv: nn.Conv2d | nn.Conv3d) -> None:
@@ -36,6 +38,7 @@ class HeadUpdateLayer(nn.Module, BaseTunerLayer):
         self.conv_class = nn.Conv3d if isinstance(conv, nn.Conv3d) else nn.Conv2d
         self.vpt_down = nn.ModuleDict({})
         self.vpt_up = nn.ModuleDict({})
+        self.vpt_depthwise = nn.ModuleDict({})
         self.in_channels, self.out_channels, self.stride = conv.in_channels, conv.out_channels, conv.stride
         self.folds_into_weight = _centre_tap_conv(conv)
         # Per-sample adapter names of a mixed-center batch, set by `VisualPromptModel` for one forward pass.
@@ -45,14 +48,20 @@ class HeadUpdateLayer(nn.Module, BaseTunerLayer):
         # A bound method on the instance: deepcopy rebinds it to the copy; `uninstall` restores the class forward.
         conv.forward = types.MethodType(_updated_conv_forward, conv)
 
-    def update_layer(self, adapter_name: str, rank: int) -> None:
-        """Add an adapter's update of rank `rank` (`up` starts at zero: the adapter starts as the base)."""
+    def update_layer(self, adapter_name: str, rank: int, depthwise: bool = False) -> None:
+        """Add an adapter's update of rank `rank`, with a depthwise 3x3 filter of its output when `depthwise` (`up`
+        and the filter start at zero: the adapter starts as the base)."""
         down = self.conv_class(self.in_channels, rank, 1, stride=self.stride, bias=False)
         nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))  # as LoRA's A
         up = self.conv_class(rank, self.out_channels, 1, bias=False)
         nn.init.zeros_(up.weight)
         self.vpt_down[adapter_name] = down
         self.vpt_up[adapter_name] = up
+        if depthwise:
+            channels = self.out_channels
+            filter_ = self.conv_class(channels, channels, 3, padding=1, groups=channels, bias=False)
+            nn.init.zeros_(filter_.weight)
+            self.vpt_depthwise[adapter_name] = filter_
         self.set_adapter(self.active_adapters)
 
     def merge(self, *args, **kwargs) -> None:
@@ -96,6 +105,12 @@ class HeadUpdateLayer(nn.Module, BaseTunerLayer):
         return torch.cat(outputs)[torch.argsort(torch.cat(index))]
 
     def _updated_conv(self, conv: nn.Conv2d | nn.Conv3d, name: str, x: torch.Tensor) -> torch.Tensor:
+        output = self._low_rank_updated_conv(conv, name, x)
+        if name in self.vpt_depthwise:
+            output = output + self.vpt_depthwise[name](output)
+        return output
+
+    def _low_rank_updated_conv(self, conv: nn.Conv2d | nn.Conv3d, name: str, x: torch.Tensor) -> torch.Tensor:
         down, up = self.vpt_down[name], self.vpt_up[name]
         if not self.folds_into_weight:
             return type(conv).forward(conv, x) + up(down(x))

@@ -124,7 +124,7 @@ class VisualPromptModel(BaseTuner):
                 layer = HeadUpdateLayer(target)
                 target.head_update = layer
                 layer.set_adapter(self.active_adapters)
-            layer.update_layer(adapter_name, peft_config.head_rank)
+            layer.update_layer(adapter_name, peft_config.head_rank, peft_config.head_depthwise)
             layer.to(target.weight.device)
             return
         layer = getattr(target, "visual_prompt", None)
