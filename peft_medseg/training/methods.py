@@ -30,8 +30,8 @@ decoder's affine InstanceNorms, and LoRA targets the attention's `qkv` and outpu
 (`VisualPromptConfig.head_rank`). On real center pairs much of what full fine-tuning changes sits in the head, more
 than its norms can express (README, "What we measured"). On 2D bases each updated conv also gets a per-center
 depthwise 3x3 filter of its output (`head_depthwise`): what the 1x1 update missed against decoder fine-tuning was
-mostly the smallest lesions, and the filter, a per-channel spatial change, gained up to 1.8 validation Dice points
-and lost none on any `breast_us` split (README, "Real shift"). Not on 3D bases: not measured there, and each filter
+mostly the smallest lesions, and the filter, a per-channel spatial change, gained up to 1.7 validation Dice points
+and lost none (within 0.1) on any split of either base (README, "Real shift"). Not on 3D bases: not measured there, and each filter
 keeps one more full-size feature map for the backward pass (56 MB per conv at 96³).
 
 `vpt-deep-decoder` is the opt-in for when the last points matter more than the adapter's size: next to the prompts,
