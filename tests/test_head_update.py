@@ -212,3 +212,30 @@ def test_depthwise_filter_equals_a_hand_written_filter_of_every_updated_conv_out
         torch.testing.assert_close(
             model(pixel_values=x).logits, reference(pixel_values=x).logits, atol=1e-5, rtol=1e-5
         )
+
+
+def test_depthwise_filter_of_a_3d_conv_equals_a_per_channel_conv3d_by_hand():
+    """`head_depthwise` on a Conv3d (MONAI heads): a 3x3x3 filter per output channel, zero padding, added to the
+    low-rank-updated output."""
+    from peft_medseg.visual_prompt.head_layer import HeadUpdateLayer
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(4, 5, 3, padding=1)
+    conv.head_update = HeadUpdateLayer(conv)
+    conv.head_update.update_layer("a", 2, depthwise=True)
+    conv.head_update.set_adapter(["a"])
+    torch.nn.init.normal_(conv.head_update.vpt_up["a"].weight)
+    torch.nn.init.normal_(conv.head_update.vpt_depthwise["a"].weight)
+    x = torch.randn(2, 4, 6, 6, 6)
+    down = conv.head_update.vpt_down["a"].weight.flatten(1)  # (rank, in)
+    up = conv.head_update.vpt_up["a"].weight.flatten(1)  # (out, rank)
+    updated = type(conv).forward(conv, x) + torch.einsum("or,ri,bi...->bo...", up, down, x)
+    kernel = conv.head_update.vpt_depthwise["a"].weight  # (5, 1, 3, 3, 3)
+    taps = torch.nn.functional.pad(updated, (1,) * 6)
+    filtered = sum(
+        kernel[:, 0, i, j, k].view(1, 5, 1, 1, 1) * taps[:, :, i : i + 6, j : j + 6, k : k + 6]
+        for i in range(3)
+        for j in range(3)
+        for k in range(3)
+    )
+    torch.testing.assert_close(conv(x), updated + filtered, atol=1e-4, rtol=1e-4)
