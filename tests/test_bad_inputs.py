@@ -190,6 +190,29 @@ def test_a_bad_second_adapter_leaves_the_first_exactly_as_it_was(tmp_path, base_
         torch.testing.assert_close(model(pixel_values=pixels).logits, expected, rtol=0, atol=0)
 
 
+def test_an_adapter_file_with_tensors_the_model_has_no_place_for_is_refused(tmp_path, base_and_adapter):
+    """peft loads non-strictly: a tensor without a place would be dropped and the adapter would compute otherwise.
+    Here a depthwise filter of a pyramid-pooling conv, as `vpt-deep-head` adapters held before those convs stopped
+    getting one: refused by name, and the adapter loaded before stays exactly as it was."""
+    from safetensors.torch import load_file, save_file
+
+    base, pixels, _, adapter = base_and_adapter
+    model = PeftModel.from_pretrained(base, str(adapter), adapter_name="A").eval()
+    with torch.no_grad():
+        expected = model(pixel_values=pixels).logits
+    head = tmp_path / "head"
+    prepare_model(tiny_upernet(), "vpt-deep-head", num_virtual_tokens=3).save_pretrained(head)
+    weights = load_file(head / "adapter_model.safetensors")
+    stray = "base_model.model.decode_head.psp_modules.0.1.conv.head_update.vpt_depthwise.weight"
+    assert stray not in weights
+    save_file(weights | {stray: torch.zeros(8, 1, 3, 3)}, head / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"no place for .*psp_modules\.0\.1\.conv\.head_update\.vpt_depthwise"):
+        model.load_adapter(str(head), adapter_name="B")
+    assert sorted(model.peft_config) == ["A"] and model.active_adapter == "A"
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values=pixels).logits, expected, rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------- base and model folders
 @pytest.mark.parametrize("case", ["missing", "empty_folder", "adapter_as_base"])
 def test_bad_base_model_paths_name_the_path(tmp_path, base_and_adapter, case):

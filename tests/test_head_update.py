@@ -179,7 +179,7 @@ def test_update_of_one_conv_equals_the_conv_plus_up_down_by_hand(conv, folds):
     torch.testing.assert_close(conv(x), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_depthwise_filter_equals_a_hand_written_filter_of_every_updated_conv_output():
+def test_depthwise_filter_equals_a_hand_written_filter_of_each_updated_conv_output_off_pooled_maps():
     """`head_depthwise`: each updated head conv's output `y` becomes `y + depthwise(y)`, a 3x3 filter per channel
     (`groups=channels`, zero padding), after its low-rank update; a new adapter's filters start at zero."""
     base = tiny_base()
@@ -191,27 +191,49 @@ def test_depthwise_filter_equals_a_hand_written_filter_of_every_updated_conv_out
     model = perturb(fresh).eval()
     reference = get_peft_model(copy.deepcopy(base), VisualPromptConfig(**config)).eval()
     reference.load_state_dict({k: v for k, v in model.state_dict().items() if "vpt_depthwise" not in k}, strict=True)
-    for name, conv in model.base_model.model.named_modules():
-        if hasattr(conv, "head_update"):
-            kernel = conv.head_update.vpt_depthwise["default"].weight  # (channels, 1, 3, 3)
+    network = model.base_model.model
+    updated = [name for name, module in network.named_modules() if hasattr(module, "head_update")]
+    filtered = [name for name in updated if "default" in network.get_submodule(name).head_update.vpt_depthwise]
+    # Every updated conv but UperNet's pyramid-pooling branches, which act on 1x1..6x6 pooled maps.
+    assert [n for n in updated if n not in filtered] == [n for n in updated if ".psp_modules." in n] != []
+    for name in filtered:
+        kernel = network.get_submodule(name).head_update.vpt_depthwise["default"].weight  # (channels, 1, 3, 3)
 
-            def by_hand(module, inputs, output, kernel=kernel):
-                channels = output.shape[1]
-                taps = torch.nn.functional.pad(output, (1, 1, 1, 1))
-                height, width = output.shape[-2:]
-                filtered = sum(
-                    kernel[:, 0, i, j].view(1, channels, 1, 1) * taps[:, :, i : i + height, j : j + width]
-                    for i in range(3)
-                    for j in range(3)
-                )
-                return output + filtered
+        def by_hand(module, inputs, output, kernel=kernel):
+            channels = output.shape[1]
+            taps = torch.nn.functional.pad(output, (1, 1, 1, 1))
+            height, width = output.shape[-2:]
+            response = sum(
+                kernel[:, 0, i, j].view(1, channels, 1, 1) * taps[:, :, i : i + height, j : j + width]
+                for i in range(3)
+                for j in range(3)
+            )
+            return output + response
 
-            reference.base_model.model.get_submodule(name).register_forward_hook(by_hand)
+        reference.base_model.model.get_submodule(name).register_forward_hook(by_hand)
     x = pixels()
     with torch.no_grad():
         torch.testing.assert_close(
             model(pixel_values=x).logits, reference(pixel_values=x).logits, atol=1e-5, rtol=1e-5
         )
+
+
+@pytest.mark.parametrize("config", ["tiny", "beit-tiny"])
+def test_depthwise_filters_skip_exactly_the_convs_on_pooled_maps(config):
+    """transformers' UperNet and BEiT heads: every decode-head conv but the classifier is updated, and every updated
+    conv gets a filter except the four pyramid-pooling branches (which act on 1x1, 2x2, 3x3 and 6x6 pooled maps)."""
+    torch.manual_seed(0)
+    base = build_segmentation_model(config, 2, image_size=32)
+    convs = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Conv2d) and n.startswith("decode_head.")]
+    pyramid = [n for n in convs if ".psp_modules." in n]
+    model = get_peft_model(
+        base, VisualPromptConfig(num_virtual_tokens=2, head_rank=2, head_depthwise=True, modules_to_save=CLASSIFIER)
+    )
+    names = [n for n, _ in model.named_parameters()]
+    updated = {n.split(".head_update.")[0].removeprefix("base_model.model.") for n in names if ".vpt_down." in n}
+    filtered = {n.split(".head_update.")[0].removeprefix("base_model.model.") for n in names if ".vpt_depthwise." in n}
+    assert len(pyramid) == 4 and updated == set(convs) - set(CLASSIFIER)
+    assert filtered == updated - set(pyramid)
 
 
 def test_depthwise_filter_of_a_3d_conv_equals_a_per_channel_conv3d_by_hand():

@@ -6,7 +6,7 @@
 | `vpt-shallow` | prompts before the first block + the last classifier        | peft adapter (KBs)          |
 | `vpt-kv`      | key/value prompts in every attention layer (SegFormer, Swin) + the last classifier | peft adapter (KBs) |
 | `vpt-deep-norms` | `vpt-deep` + the decode head's BatchNorm layers (per-center statistics) | peft adapter (KBs) |
-| `vpt-deep-head` | `vpt-deep-norms` + a per-center rank-2 1x1 update of every decode-head conv and, in 2D, a depthwise 3x3 filter of its output | peft adapter (KBs) |
+| `vpt-deep-head` | `vpt-deep-norms` + a per-center rank-2 1x1 update of every decode-head conv and, in 2D, a depthwise 3x3 filter of its output (not on pyramid-pooling branches) | peft adapter (KBs) |
 | `vpt-deep-decoder` | `vpt-deep` + a per-center copy of the whole decode head (opt-in; head-sized) | peft adapter (head-sized) |
 | `lora`        | LoRA on the encoder attention projections + the classifier  | peft adapter                |
 | `decoder`     | the whole decode head (partial fine-tuning, as in the paper) | full model                  |
@@ -31,8 +31,9 @@ decoder's affine InstanceNorms, and LoRA targets the attention's `qkv` and outpu
 than its norms can express (README, "What we measured"). On 2D bases each updated conv also gets a per-center
 depthwise 3x3 filter of its output (`head_depthwise`): what the 1x1 update missed against decoder fine-tuning was
 mostly the smallest lesions, and the filter, a per-channel spatial change, gained up to 1.7 validation Dice points
-and lost none (within 0.1) on any split of either base (README, "Real shift"). Not on 3D bases: not measured there, and each filter
-keeps one more full-size feature map for the backward pass (56 MB per conv at 96³).
+and lost none (within 0.1) on any split of either base (README, "Real shift"). UperNet's pyramid-pooling branches, which
+act on 1x1 to 6x6 pooled maps, get none: that keeps `tiny`'s adapter under 2% (1.86%). Not on 3D bases: not measured
+there, and each filter keeps one more full-size feature map for the backward pass (56 MB per conv at 96³).
 
 `vpt-deep-decoder` is the opt-in for when the last points matter more than the adapter's size: next to the prompts,
 each center trains its own copy of the whole decode head (peft's `modules_to_save`), as decoder fine-tuning does, but

@@ -69,6 +69,7 @@ class VisualPromptConfig(PeftConfig):
             updated head convolution, `y + depthwise(y)`, starting at zero: a per-channel spatial change, which the
             1x1 update cannot make. On `breast_us` what the default misses against decoder fine-tuning is mostly the
             smallest lesions, which fine-tuning gets by re-learning the head's 3x3 kernels (README, "Real shift").
+            Convs that act on an adaptively pooled map (UperNet's pyramid-pooling branches) get no filter.
         head_modules (`list[str]`, *optional*):
             Regular expressions (full match) of the `Conv2d`/`Conv3d` modules that get the head update. `None`: every
             conv of the decode head except those in `modules_to_save` (such as the classifier, trained whole): under
