@@ -345,9 +345,10 @@ def depthwise_filter_targets(model: nn.Module, head_targets: list[str]) -> list[
     those that act on an adaptively pooled map, such as UperNet's pyramid-pooling branches (1x1 to 6x6 summaries of
     the whole image, upsampled afterwards). There a 3x3 filter reads mostly padding and cannot sharpen a small lesion,
     the filter's purpose. Leaving them out brings the `tiny` base's adapter from 2.19% to 1.86% of the parameters,
-    for 0.1-0.3 points of validation Dice, within the seeds' spread (README, "Real shift"). A conv acts on a pooled map when an `AdaptiveAvgPool`/`AdaptiveMaxPool` child of one of
-    its ancestors is registered before the branch that holds it (modules run in the order they are registered in
-    these heads: transformers' UperNet and BEiT pyramid-pooling blocks)."""
+    for 0.1-0.3 points of validation Dice, within the seeds' spread (README, "Real shift"). A conv acts on a pooled
+    map when an `AdaptiveAvgPool`/`AdaptiveMaxPool` child of one of its ancestors is registered before the branch
+    that holds it (modules run in the order they are registered in these heads: transformers' UperNet and BEiT
+    pyramid-pooling blocks)."""
     pooling = (nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
     pooled: set[str] = set()
     for name, module in model.named_modules():
