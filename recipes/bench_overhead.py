@@ -55,6 +55,8 @@ TRAIN_VARIANTS = {
     "lora": ("lora", False),
     "vpt-deep": ("vpt-deep", False),
     "vpt-deep + checkpointing": ("vpt-deep", True),
+    # The default: prompts, head norms, the rank-2 head update and the depthwise head filters (as the recipes train it).
+    "vpt-deep-head + checkpointing": ("vpt-deep-head", True),
 }
 
 
