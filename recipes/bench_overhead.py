@@ -37,6 +37,7 @@ import peft_medseg
 from peft_medseg.experiments.profiling import measure_in_fresh_process, training_step_probe
 from peft_medseg.models import NAMED_CONFIGS, build_segmentation_model
 from peft_medseg.models3d import volume_in_channels, volume_roi_size
+from peft_medseg.training import DEFAULT_METHOD, prepare_model
 from peft_medseg.visual_prompt.kv_layer import DeepKeyValuePromptLayer
 
 matplotlib.use("Agg")
@@ -128,6 +129,9 @@ def bench_inference(args) -> dict:
     base = build(args.config, args.image_size)
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
     model, centers, mixed_names = four_centers(base, args, deep=True)
+    # The default adapter as the recipes train it (prompts, classifier, head norms, the rank-2 head update and the
+    # depthwise head filters), in eval mode: what serving a center with today's default costs.
+    default = prepare_model(copy.deepcopy(base), DEFAULT_METHOD, num_virtual_tokens=args.num_virtual_tokens).eval()
 
     def per_sample_loop():
         for i, name in enumerate(mixed_names):
@@ -140,6 +144,7 @@ def bench_inference(args) -> dict:
             {
                 "base": lambda: base(pixel_values=x),
                 "vpt": lambda: model(pixel_values=x),
+                "default": lambda: default(pixel_values=x),
                 "vpt_tokens": lambda: run_token_path(model, pixel_values=x),
                 "mixed": lambda: model(pixel_values=x, adapter_names=mixed_names),
                 "loop": per_sample_loop,
@@ -149,6 +154,7 @@ def bench_inference(args) -> dict:
     base_flops = count_flops(lambda: base(pixel_values=x))
     return {
         "vpt_vs_base_flops": count_flops(lambda: model(pixel_values=x)) / base_flops,
+        "default_vs_base_flops": count_flops(lambda: default(pixel_values=x)) / base_flops,
         "vpt_token_path_vs_base_flops": count_flops(lambda: run_token_path(model, pixel_values=x)) / base_flops,
         "base_ms": 1000 * t["base"],
         "vpt_deep_ms": 1000 * t["vpt"],
@@ -156,6 +162,7 @@ def bench_inference(args) -> dict:
         "mixed_4_centers_ms": 1000 * t["mixed"],
         "per_sample_loop_ms": 1000 * t["loop"],
         "vpt_vs_base": t["vpt"] / t["base"],
+        "default_vs_base": t["default"] / t["base"],
         "vpt_token_path_vs_base": t["vpt_tokens"] / t["base"],
         "mixed_vs_single_adapter": t["mixed"] / t["vpt"],
         "mixed_speedup_vs_loop": t["loop"] / t["mixed"],
@@ -405,6 +412,8 @@ def markdown(results: dict) -> str:
             f"| deep VPT / base, inference latency (token path, before) | {inf['vpt_token_path_vs_base']:.3f}× | — |",
             f"| deep VPT / base, FLOPs: keys/values vs token path | {inf['vpt_vs_base_flops']:.4f}× vs "
             f"{inf['vpt_token_path_vs_base_flops']:.4f}× | — |",
+            f"| {DEFAULT_METHOD} (the default adapter) / base, inference latency | {inf['default_vs_base']:.3f}× "
+            f"(FLOPs {inf['default_vs_base_flops']:.4f}×) | — |",
             f"| mixed batch (4 centers) / one adapter | {inf['mixed_vs_single_adapter']:.3f}× | ≤ 1.03× |",
             f"| per-sample set_adapter loop / mixed batch | {inf['mixed_speedup_vs_loop']:.2f}× | ≥ 1.3× |",
         ]
