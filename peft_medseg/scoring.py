@@ -80,8 +80,8 @@ def evaluate_segmentation(
     compute_hd95: bool = True,
     ignore_index: int = 255,
 ) -> dict[str, dict[str, float | list[int]]]:
-    """Per-center scores `{center: {"dice", "hd95", "absent_classes", "dice_per_class", "dice_aggregated"}}` of
-    `model` on a transformed dataset.
+    """Per-center scores `{center: {"dice", "hd95", "absent_classes", "dice_per_class", "dice_aggregated",
+    "dice_per_image"}}` of `model` on a transformed dataset.
 
     `dataset` rows have `pixel_values`, `labels` and `center` (a `set_transform`ed split); volume rows also have
     `spacing` (mm), in which their HD95 is measured, and are scored one whole volume at a time. Each image scores the mean
@@ -89,6 +89,8 @@ def evaluate_segmentation(
     scores 1) and the mean HD95 over those where it is defined (NaN when none is); centers average their images.
     A class that appears in no reference and no prediction of a center is left out of that center's means, and
     listed in `absent_classes`: it would otherwise add a perfect 1 to every image and inflate the score.
+    `dice_per_image` is each image's score in dataset order (what `dice` averages), for paired comparisons of two
+    models on the same images.
     Per foreground class id, `dice_per_class` is that class's mean over the center's images (same conventions), and
     `dice_aggregated` pools the center's voxels, `2 Σ|P∩R| / Σ(|P|+|R|)` (HECKTOR's DSCagg): a case without a
     small lesion then adds nothing rather than a 1 (NaN for a class in no reference or prediction).
@@ -145,6 +147,7 @@ def evaluate_segmentation(
         rows = [i for i, c in enumerate(centers) if c == center]
         kept = [label for label in range(1, num_labels) if present[center][label]]
         absent = [label for label in range(1, num_labels) if not present[center][label]]
+        dice_per_image = _per_image_of_kept(dice_scores, rows, kept)
         dice = _mean_of_kept(dice_scores, rows, kept)
         hd = _mean_of_kept(hd95_scores, rows, kept) if compute_hd95 else math.nan
         both, added = overlaps[center]
@@ -157,18 +160,28 @@ def evaluate_segmentation(
             "absent_classes": absent,
             "dice_per_class": {label: per_class.get(label, math.nan) for label in range(1, num_labels)},
             "dice_aggregated": {label: float(aggregated[label]) for label in range(1, num_labels)},
+            "dice_per_image": [float(value) for value in dice_per_image],
         }
     return scores
+
+
+def _per_image_of_kept(per_class: list[np.ndarray], rows: list[int], kept: list[int]) -> np.ndarray:
+    """Each of `rows`' NaN-aware mean over the `kept` classes (all NaN when nothing is kept)."""
+    if not kept:
+        return np.full(len(rows), math.nan)
+    table = np.array([per_class[i][kept] for i in rows])  # (images, kept classes)
+    with warnings.catch_warnings():  # all-NaN rows (HD95 undefined everywhere) give NaN, as documented
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(table, axis=1)
 
 
 def _mean_of_kept(per_class: list[np.ndarray], rows: list[int], kept: list[int]) -> float:
     """Mean over `rows` of each row's NaN-aware mean over the `kept` classes (NaN when nothing is kept)."""
     if not kept:
         return math.nan
-    table = np.array([per_class[i][kept] for i in rows])  # (images, kept classes)
-    with warnings.catch_warnings():  # all-NaN rows (HD95 undefined everywhere) give NaN, as documented
+    with warnings.catch_warnings():  # as above: all-NaN gives NaN
         warnings.simplefilter("ignore", RuntimeWarning)
-        return float(np.nanmean(np.nanmean(table, axis=1)))
+        return float(np.nanmean(_per_image_of_kept(per_class, rows, kept)))
 
 
 def mean_dice(scores: dict[str, dict[str, float]]) -> float:
@@ -182,6 +195,8 @@ def json_scores(scores: dict[str, dict]) -> dict[str, dict]:
     def plain(value):
         if isinstance(value, dict):  # per class: JSON keys are strings
             return {str(key): plain(item) for key, item in value.items()}
+        if isinstance(value, list):  # per image
+            return [plain(item) for item in value]
         if isinstance(value, float) and not math.isfinite(value):
             return None
         return value

@@ -11,7 +11,8 @@ epoch budget; plus a few-shot curve (VPT-deep vs full).
         --few_shot_cases 0 --output_dir outputs/paper/synthetic3d
 
 Writes runs.jsonl (one line per finished run: an interrupted reproduction continues where it stopped), runs.csv,
-summary.md / summary.csv (one table per held-out center) and figure-<center>.png. Bases are cached per split.
+summary.md / summary.csv (one table per held-out center, each method's share of full fine-tuning's gain with a 95%
+bootstrap interval over the test images) and figure-<center>.png. Bases are cached per split.
 """
 
 from __future__ import annotations

@@ -43,6 +43,7 @@ def test_perfect_predictions_score_dice_one_and_hd95_zero_per_center():
         "absent_classes": [],
         "dice_per_class": per_class,
         "dice_aggregated": per_class,
+        "dice_per_image": [1.0],
     }
     assert scores == {"A": perfect, "B": perfect}
     rows[1]["labels"] = torch.zeros_like(rows[1]["labels"])  # B's reference has no foreground: prediction all wrong
@@ -69,6 +70,8 @@ def test_per_class_dice_is_the_mean_over_images_and_aggregated_dice_pools_voxels
     # Pooled: class 1 2*(8+4)/((8+16)+(4+4)); class 2 finds none of its 4 pixels.
     assert scores["dice_aggregated"] == pytest.approx({1: 2 * 12 / 32, 2: 0.0})
     assert scores["dice"] == pytest.approx(((2 * 8 / 24 + 1) / 2 + (1 + 0) / 2) / 2)
+    # Each image's mean over its classes, in dataset order: what `dice` averages.
+    assert scores["dice_per_image"] == pytest.approx([(2 * 8 / 24 + 1) / 2, (1 + 0) / 2])
 
 
 @pytest.fixture(scope="module")

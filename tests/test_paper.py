@@ -100,3 +100,41 @@ def test_share_of_full_gain_per_split_and_across_splits(tmp_path):
     text = summarize(rows, tmp_path)
     assert "| vpt | 10 (1.00%) | 40 B | 0.670 ± 0.014 | 85% |" in text
     assert "| vpt | 1.00% | 2 | — | 0.560 | 55% | Y (25%) |" in text  # no validation Dice recorded in these rows
+
+
+def test_share_interval_is_a_paired_bootstrap_over_test_images(tmp_path):
+    """Two test images: every resample is (0, 0), (1, 1) or a mix, so the interval's ends can be worked out by hand."""
+    from peft_medseg.experiments.paper_report import share_interval
+
+    direct, full, method = [0.0, 0.0], [1.0, 0.5], [0.5, 0.5]
+    # Resample (0, 0): 0.5 / 1 = 0.5; (1, 1): 0.5 / 0.5 = 1; mixed: 0.5 / 0.75. Each end holds a quarter of the mass.
+    assert share_interval(method, direct, full) == pytest.approx((0.5, 1.0))
+    # As good as full fine-tuning, or as the base, on every image: no uncertainty at all.
+    assert share_interval(full, direct, full) == pytest.approx((1.0, 1.0))
+    assert share_interval(direct, direct, full) == pytest.approx((0.0, 0.0))
+    # Images are paired: an image that is hard for every model widens nothing.
+    assert share_interval([0.5, 0.5, 0.1], [0.0, 0.0, 0.1], [1.0, 0.5, 0.1]) == pytest.approx((0.5, 1.0), abs=0.1)
+    assert all(math.isnan(v) for v in share_interval([0.5], [0.0, 0.0], [1.0, 0.5]))  # not the same images
+    assert all(math.isnan(v) for v in share_interval([], [], []))
+
+
+def test_the_report_gives_each_share_its_interval_from_per_image_scores(tmp_path):
+    def row(method, seed, per_image, held_out="X"):
+        return {"held_out": held_out, "method": method, "seed": seed, "num_train_cases": None,
+                "new_dice": sum(per_image) / len(per_image), "new_dice_per_image": per_image, "new_hd95": 1.0,
+                "old_dice_paper": 0.7, "trainable": 10, "total": 1000, "weights_bytes": 40,
+                "seconds_per_epoch": 1.0}  # fmt: skip
+
+    rows = [
+        row("direct", 0, [0.0, 0.0]),
+        row("full", 0, [1.0, 0.5]),
+        row("vpt", 0, [0.6, 0.5]), row("vpt", 1, [0.4, 0.5]),  # per image over seeds: [0.5, 0.5]
+        # A second split where the method matches full fine-tuning on every image.
+        row("direct", 0, [0.2, 0.2], "Y"), row("full", 0, [0.4, 0.6], "Y"), row("vpt", 0, [0.4, 0.6], "Y"),
+    ]  # fmt: skip
+    text = summarize(rows, tmp_path)
+    assert "| 0.500 ± 0.071 | 67% [50–100%] |" in text
+    assert "| 100% [100–100%] |" in text
+    assert "| 83% | X (67% [50–100%]) |" in text  # the worst split carries its interval
+    csv_text = (tmp_path / "summary.csv").read_text()
+    assert "share_interval_low" in csv_text.splitlines()[0]

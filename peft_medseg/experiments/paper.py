@@ -238,6 +238,8 @@ def run_one(
         # Per foreground class (JSON keys are strings): mean per case, and pooled over the center's voxels.
         "new_dice_per_class": {str(k): v for k, v in scores[new_center]["dice_per_class"].items()},
         "new_dice_aggregated": {str(k): v for k, v in scores[new_center]["dice_aggregated"].items()},
+        # Per test image, in the same order for every run of the split: the share's confidence interval pairs them.
+        "new_dice_per_image": scores[new_center]["dice_per_image"],
         "old_dice_paper": _mean_old(scores, new_center),
         "per_center_dice": {c: s["dice"] for c, s in scores.items()},
     }

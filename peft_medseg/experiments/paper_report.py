@@ -9,6 +9,7 @@ import statistics
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -56,23 +57,77 @@ def share_of_gain(method_dice: float, direct_dice: float, full_dice: float) -> f
     return (method_dice - direct_dice) / gain
 
 
+def share_interval(
+    method_images: list[float],
+    direct_images: list[float],
+    full_images: list[float],
+    level: float = 0.95,
+    num_resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """A percentile bootstrap interval of `share_of_gain` over the new center's test images.
+
+    The three lists hold each test image's Dice under the method, the base and full fine-tuning, in the same image
+    order (each averaged over seeds). Images are resampled with replacement, the same images for the three models (a
+    paired bootstrap), and the share is recomputed on every resample. The interval shows how much of a split's share is
+    the luck of its test images: when full fine-tuning gains two or three Dice points, a few images decide it. Resamples
+    where full fine-tuning gains nothing are dropped. `(nan, nan)` when the lists are missing, differ in length, or
+    hold no finite value.
+    """
+    if not method_images or not len(method_images) == len(direct_images) == len(full_images):
+        return math.nan, math.nan
+    per_image = np.array([method_images, direct_images, full_images], dtype=float)
+    per_image = per_image[:, np.isfinite(per_image).all(axis=0)]
+    if per_image.shape[1] == 0:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    resamples = rng.integers(per_image.shape[1], size=(num_resamples, per_image.shape[1]))
+    method, direct, full = per_image[:, resamples].mean(axis=2)  # (3, num_resamples)
+    gain = full - direct
+    kept = gain > 1e-9
+    if not kept.any():
+        return math.nan, math.nan
+    shares = (method[kept] - direct[kept]) / gain[kept]
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(shares, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def _per_image_mean(runs: list[dict]) -> list[float]:
+    """Each test image's new-center Dice averaged over `runs` (seeds); empty when a run lacks them or they differ in
+    length (runs logged before per-image scores were recorded)."""
+    lists = [r.get("new_dice_per_image") for r in runs]
+    if not lists or any(not values for values in lists) or len({len(values) for values in lists}) != 1:
+        return []
+    return [statistics.fmean(math.nan if v is None else v for v in image) for image in zip(*lists)]
+
+
+def _interval_text(interval: tuple[float, float]) -> str:
+    return "" if math.isnan(interval[0]) else f" [{100 * interval[0]:.0f}–{100 * interval[1]:.0f}%]"
+
+
 def across_splits(csv_rows: list[dict]) -> str:
     """Markdown: per method, the share of full fine-tuning's gain over the held-out splits (mean and worst split)."""
     lines = ["### Across splits: share of full fine-tuning's gain on the new center\n"]
     lines.append(
-        "| method | trainable | splits | mean validation Dice | mean new-center Dice | mean share | worst split (share) |"
+        "| method | trainable | splits | mean validation Dice | mean new-center Dice | mean share | "
+        "worst split (share [95% bootstrap interval]) |"
     )
     lines.append("|---|---|---|---|---|---|---|")
     for method in dict.fromkeys(r["method"] for r in csv_rows):
         runs = [r for r in csv_rows if r["method"] == method]
-        shares = [(r["share_of_full_gain"], r["held_out"]) for r in runs if not math.isnan(r["share_of_full_gain"])]
-        mean_share = statistics.fmean(s for s, _ in shares) if shares else math.nan
-        worst = min(shares) if shares else (math.nan, "—")
+        shares = [
+            (r["share_of_full_gain"], r["held_out"], (r["share_interval_low"], r["share_interval_high"]))
+            for r in runs
+            if not math.isnan(r["share_of_full_gain"])
+        ]
+        mean_share = statistics.fmean(s for s, _, _ in shares) if shares else math.nan
+        worst = min(shares) if shares else (math.nan, "—", (math.nan, math.nan))
         lines.append(
             f"| {method} | {runs[0]['trainable_percent']:.2f}% | {len(runs)} | "
             f"{_fmt(_stats([r['validation_dice_mean'] for r in runs])[0])} | "
             f"{_fmt(statistics.fmean(r['new_dice_mean'] for r in runs))} | {_percent(mean_share)} | "
-            f"{worst[1]} ({_percent(worst[0])}) |"
+            f"{worst[1]} ({_percent(worst[0])}{_interval_text(worst[2])}) |"
         )
     return "\n".join(lines) + "\n"
 
@@ -97,8 +152,11 @@ def summarize(rows: list[dict], output_dir: str | Path) -> str:
         markdown.append(f"### New center `{held_out}` (base pretrained on the other centers; seeds {seeds})\n")
         direct_new = _stats([r["new_dice"] for r in by_method.get("direct", [])])[0]
         full_new = _stats([r["new_dice"] for r in by_method.get("full", [])])[0]
+        direct_images = _per_image_mean(by_method.get("direct", []))
+        full_images = _per_image_mean(by_method.get("full", []))
         markdown.append(
-            "| method | trainable | trained weights on disk | new-center Dice | share of full fine-tuning's gain | "
+            "| method | trainable | trained weights on disk | new-center Dice | share of full fine-tuning's gain "
+            "[95% bootstrap interval over test images] | "
             "new-center HD95 (px; volumes: mm) | "
             "old centers, paper protocol (Δ) | old centers, routed (Δ) | time/epoch vs full | peak memory vs full |"
         )
@@ -114,9 +172,14 @@ def summarize(rows: list[dict], output_dir: str | Path) -> str:
             mem_ratio = memory[method] / memory["full"] if method in memory and memory.get("full") else math.nan
             routed_text = "—" if math.isnan(routed[0]) else f"{_fmt(routed[0])} ({routed[0] - base_old:+.3f})"
             share = share_of_gain(new[0], direct_new, full_new)
+            interval = (
+                share_interval(_per_image_mean(runs), direct_images, full_images)
+                if method not in ("direct", "full") and not math.isnan(share)
+                else (math.nan, math.nan)
+            )
             markdown.append(
                 f"| {method} | {trainable:,} ({100 * trainable / total:.2f}%) | {_size(runs[0]['weights_bytes'])} | "
-                f"{_fmt(*new)} | {_percent(share)} | {_fmt(*hd95, digits=2)} | {_fmt(old[0])} ({old[0] - base_old:+.3f}) | "
+                f"{_fmt(*new)} | {_percent(share)}{_interval_text(interval)} | {_fmt(*hd95, digits=2)} | {_fmt(old[0])} ({old[0] - base_old:+.3f}) | "
                 f"{routed_text} | {_ratio(time_ratio)} | {_ratio(mem_ratio)} |"
             )
             csv_rows.append(
@@ -130,6 +193,8 @@ def summarize(rows: list[dict], output_dir: str | Path) -> str:
                     "new_dice_mean": new[0],
                     "new_dice_std": new[1],
                     "share_of_full_gain": share,
+                    "share_interval_low": interval[0],
+                    "share_interval_high": interval[1],
                     "validation_dice_mean": _stats([r.get("validation_dice") for r in runs])[0],
                     "new_hd95_mean": hd95[0],
                     "old_dice_paper": old[0],
