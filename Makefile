@@ -35,7 +35,7 @@ DEMO_ADAPTER := $(DEMO)/center-$(DEMO_NEW)
 
 demo: $(VENV)/.installed
 	$(PY) recipes/pretrain_base.py --base beit-tiny --centers $(DEMO_CENTERS) --image_size 64 --num_epochs 60 \
-		--learning_rate 2e-3 --output_dir $(DEMO)/base
+		--batch_size 8 --learning_rate 3e-3 --warmup_steps 64 --output_dir $(DEMO)/base
 	$(PY) recipes/finetune_center.py --base_model $(DEMO)/base --new_center $(DEMO_NEW) \
 		--num_train_cases 8 --num_epochs 30 --eval_centers $(DEMO_CENTERS) $(DEMO_NEW) --output_dir $(DEMO_ADAPTER)
 	$(PY) recipes/evaluate_centers.py --base_model $(DEMO)/base --models $(DEMO_ADAPTER) \
