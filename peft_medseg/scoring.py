@@ -79,7 +79,7 @@ def evaluate_segmentation(
     adapter_for_center: Callable[[str], str] | None = None,
     compute_hd95: bool = True,
     ignore_index: int = 255,
-) -> dict[str, dict[str, float | list[int]]]:
+) -> dict[str, dict[str, float | list[int] | list[float]]]:
     """Per-center scores `{center: {"dice", "hd95", "absent_classes", "dice_per_class", "dice_aggregated",
     "dice_per_image"}}` of `model` on a transformed dataset.
 

@@ -102,7 +102,7 @@ def test_share_of_full_gain_per_split_and_across_splits(tmp_path):
     assert "| vpt | 1.00% | 2 | — | 0.560 | 55% | Y (25%) |" in text  # no validation Dice recorded in these rows
 
 
-def test_share_interval_is_a_paired_bootstrap_over_test_images(tmp_path):
+def test_share_interval_is_a_paired_bootstrap_over_test_images():
     """Two test images: every resample is (0, 0), (1, 1) or a mix, so the interval's ends can be worked out by hand."""
     from peft_medseg.experiments.paper_report import share_interval
 
