@@ -159,7 +159,9 @@ def test_swin_prompts_are_shared_by_every_window_without_bias_or_shift_mask():
 # --------------------------------------------------------------------------- models through peft
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_forward_backward_disable_unload_and_frozen_base(name):
-    base = build(name)
+    # Frozen as peft freezes it: on some CPUs torch's linear kernel differs in the last bit between a weight that
+    # requires grad and one that does not, even under no_grad (measured on SegFormer's decode head: 3e-8).
+    base = build(name).requires_grad_(False)
     x = pixels(3)
     with torch.no_grad():
         expected = base(pixel_values=x).logits
