@@ -148,7 +148,7 @@ def evaluate_segmentation(
         kept = [label for label in range(1, num_labels) if present[center][label]]
         absent = [label for label in range(1, num_labels) if not present[center][label]]
         dice_per_image = _per_image_of_kept(dice_scores, rows, kept)
-        dice = _mean_of_kept(dice_scores, rows, kept)
+        dice = _nan_mean(dice_per_image)
         hd = _mean_of_kept(hd95_scores, rows, kept) if compute_hd95 else math.nan
         both, added = overlaps[center]
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -175,13 +175,16 @@ def _per_image_of_kept(per_class: list[np.ndarray], rows: list[int], kept: list[
         return np.nanmean(table, axis=1)
 
 
+def _nan_mean(values: np.ndarray) -> float:
+    """The NaN-aware mean, NaN (quietly) when every value is NaN."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(np.nanmean(values))
+
+
 def _mean_of_kept(per_class: list[np.ndarray], rows: list[int], kept: list[int]) -> float:
     """Mean over `rows` of each row's NaN-aware mean over the `kept` classes (NaN when nothing is kept)."""
-    if not kept:
-        return math.nan
-    with warnings.catch_warnings():  # as above: all-NaN gives NaN
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return float(np.nanmean(_per_image_of_kept(per_class, rows, kept)))
+    return _nan_mean(_per_image_of_kept(per_class, rows, kept))
 
 
 def mean_dice(scores: dict[str, dict[str, float]]) -> float:
