@@ -34,7 +34,7 @@ DEMO_NEW := flair_1p5t
 DEMO_ADAPTER := $(DEMO)/center-$(DEMO_NEW)
 
 demo: $(VENV)/.installed
-	$(PY) recipes/pretrain_base.py --base beit-tiny --centers $(DEMO_CENTERS) --image_size 64 --num_epochs 60 \
+	$(PY) recipes/pretrain_base.py --base beit-tiny --centers $(DEMO_CENTERS) --image_size 64 --num_epochs 80 \
 		--batch_size 8 --learning_rate 3e-3 --warmup_steps 64 --output_dir $(DEMO)/base
 	$(PY) recipes/finetune_center.py --base_model $(DEMO)/base --new_center $(DEMO_NEW) \
 		--num_train_cases 8 --num_epochs 30 --eval_centers $(DEMO_CENTERS) $(DEMO_NEW) --output_dir $(DEMO_ADAPTER)
