@@ -209,6 +209,19 @@ def test_two_step_run_saves_and_loads_back(tiny_data, tmp_path, method):
         assert not torch.allclose(model(pixel_values=pixels).logits, tiny_base()(pixel_values=pixels).logits)
 
 
+def test_every_epoch_draws_its_own_augmentations(tiny_data):
+    """The loop moves the training transform to each epoch, so epoch 2 does not repeat epoch 1's augmented images."""
+    data, _ = tiny_data
+    train, validation, _ = center_split(data)
+    transform = train.format["format_kwargs"]["transform"]
+    epoch_one = [train[i]["pixel_values"] for i in range(2)]
+    model = prepare_model(tiny_base(), "vpt-deep", num_virtual_tokens=3)
+    config = TrainingConfig(learning_rate=1e-2, num_epochs=2, batch_size=4)
+    train_segmentation(model, train, validation, NUM_LABELS, config, make_accelerator())
+    assert transform.epoch == 1
+    assert not any(torch.equal(a, train[i]["pixel_values"]) for i, a in enumerate(epoch_one))
+
+
 def _run(data, checkpoint_dir, max_train_steps=None, resume=None, accumulation=1):
     train, validation, _ = center_split(data)
     model = prepare_model(tiny_base(), "vpt-deep", num_virtual_tokens=3)  # prompt dropout 0.1 stays on

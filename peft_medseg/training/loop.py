@@ -174,8 +174,8 @@ def train_segmentation(
     for epoch in range(state["epoch"], config.num_epochs):
         set_train_mode(model)
         loader.set_epoch(epoch)
-        if hasattr(train_dataset, "_format_kwargs"):
-            transform = train_dataset._format_kwargs.get("transform")
+        if isinstance(train_dataset, Dataset):
+            transform = train_dataset.format["format_kwargs"].get("transform")
             if hasattr(transform, "set_epoch"):
                 transform.set_epoch(epoch)
         skip = state["batches_in_epoch"] if epoch == state["epoch"] else 0
