@@ -56,7 +56,7 @@ TRAIN_VARIANTS = {
     "lora": ("lora", False),
     "vpt-deep": ("vpt-deep", False),
     "vpt-deep + checkpointing": ("vpt-deep", True),
-    # The default: prompts, head norms, the rank-2 head update and the depthwise head filters (as the recipes train it).
+    # The default: prompts, head norms, head and MLP updates, depthwise head filters (as the recipes train it).
     "vpt-deep-head + checkpointing": ("vpt-deep-head", True),
 }
 
@@ -129,9 +129,9 @@ def bench_inference(args) -> dict:
     base = build(args.config, args.image_size)
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
     model, centers, mixed_names = four_centers(base, args, deep=True)
-    # The default adapter as the recipes train it (prompts, classifier, head norms, the rank-2 head update and the
-    # depthwise head filters), in eval mode: what serving a center with today's default costs.
-    default = prepare_model(copy.deepcopy(base), DEFAULT_METHOD, num_virtual_tokens=args.num_virtual_tokens).eval()
+    # The default adapter as the recipes train it (its own prompt count, classifier, head norms, the rank-2 head update
+    # with its depthwise head filters, the rank-1 MLP updates), in eval mode: what serving a center with it costs.
+    default = prepare_model(copy.deepcopy(base), DEFAULT_METHOD).eval()
 
     def per_sample_loop():
         for i, name in enumerate(mixed_names):
@@ -285,7 +285,8 @@ def train_step(variant: str, width: str, repeats: int, args) -> dict:
         method=method,
         batch_size=args.batch_size,
         image_size=args.image_size,
-        num_virtual_tokens=args.num_virtual_tokens,
+        # The default method with its own prompt count, as the recipes train it; the others with --num_virtual_tokens.
+        num_virtual_tokens=None if method == DEFAULT_METHOD else args.num_virtual_tokens,
         gradient_checkpointing=checkpointing,
         repeats=repeats,
     )

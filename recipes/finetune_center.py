@@ -47,6 +47,7 @@ from peft_medseg.training import (
     TrainingConfig,
     center_signature,
     default_learning_rate,
+    default_num_virtual_tokens,
     eval_transform,
     finetune_center,
     make_accelerator,
@@ -78,7 +79,9 @@ class FinetuneArguments:
         default=None, metadata={"help": "Test centers for evaluation.json (default: all); must include the new one."}
     )
     num_train_cases: int | None = field(default=None, metadata={"help": "Few-shot: training cases (default: all)."})
-    num_virtual_tokens: int = field(default=10, metadata={"help": "Prompts per block (VPT)."})
+    num_virtual_tokens: int | None = field(
+        default=None, metadata={"help": "Prompts per block (VPT); default: the method's own (5 for vpt-deep-head)."}
+    )
     prompt_dropout: float = field(default=0.1, metadata={"help": "Dropout on the prompts (VPT)."})
     prompts_only: bool = field(
         default=False, metadata={"help": "VPT/LoRA without the last classifier (by default it trains too)."}
@@ -195,7 +198,9 @@ def save_evaluated(
             "epochs": config.num_epochs,
             "learning_rate": config.learning_rate,
             "seed": config.seed,
-            "num_virtual_tokens": args.num_virtual_tokens if args.method in VPT_METHODS else None,
+            "num_virtual_tokens": (args.num_virtual_tokens or default_num_virtual_tokens(args.method))
+            if args.method in VPT_METHODS
+            else None,
             "best_epoch": result.best_epoch,
             "train_seconds": round(result.train_seconds, 2),
             "peak_memory_mb": result.peak_memory_mb,

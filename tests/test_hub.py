@@ -207,6 +207,18 @@ def test_card_metadata_validation_rejects_broken_metadata(adapter):
         validate_card_metadata(card.replace("- visual-prompt-tuning\n", ""))
 
 
+def test_card_describes_the_default_methods_head_and_mlp_updates(adapter):
+    config = json.loads((adapter["adapter"] / "adapter_config.json").read_text())
+    plain = render_adapter_card(config, None).text
+    assert "Head update" not in plain and "MLP update" not in plain
+    card = render_adapter_card({**config, "head_rank": 2, "head_depthwise": True, "mlp_rank": 1}, None).text
+    assert (
+        "- Head update: a rank-2 1x1 update of every decode-head convolution, per center, each with a depthwise"
+        in card
+    )
+    assert "- MLP update: a rank-1 update of the MLP output projection of every prompted block, per center" in card
+
+
 # ---- adapter folder checks and dry run ------------------------------------------------------------------------------
 
 

@@ -256,7 +256,7 @@ def test_token_prompts_on_swin_unetr_point_to_key_value_mode():
 
 # --------------------------------------------------------------------------- activation checkpointing
 def adapted_for_checkpointing(kind, seed=0):
-    """Two trainable center adapters with head norms and head updates (the default method's parts) on a tiny UNETR
+    """Two trainable center adapters with head norms, head and MLP updates (the default method's parts) on a tiny UNETR
     (deep or shallow token prompts) or Swin UNETR (key/value prompts), or with a copy of the whole decoder
     (`vpt-deep-decoder`) on UNETR, every adapter weight moved off its init."""
     from peft_medseg.training import decoder_modules, head_norm_modules
@@ -264,9 +264,9 @@ def adapted_for_checkpointing(kind, seed=0):
     base = swin_unetr(seed) if kind == "swin" else unetr(seed, norm_name=("instance", {"affine": True}))
     saved = ["out.conv.conv", *head_norm_modules(base)]
     mode = dict(prompt_mode="key_value") if kind == "swin" else dict(deep=kind != "shallow")
-    config = dict(num_virtual_tokens=3, head_rank=2, prompt_dropout=0.0, modules_to_save=saved, **mode)
+    config = dict(num_virtual_tokens=3, head_rank=2, mlp_rank=1, prompt_dropout=0.0, modules_to_save=saved, **mode)
     if kind == "decoder":
-        config.update(head_rank=0, modules_to_save=decoder_modules(base))
+        config.update(head_rank=0, mlp_rank=0, modules_to_save=decoder_modules(base))
     model = get_peft_model(base, VisualPromptConfig(**config))
     model.add_adapter("b", VisualPromptConfig(**config))
     generator = torch.Generator().manual_seed(seed + 7)
@@ -308,7 +308,8 @@ def test_activation_checkpointing_gives_the_same_gradients_on_a_mixed_batch_and_
     assert set(decoder2) <= set(checkpointed) if kind == "decoder" else "decoder2" in checkpointed
     grads, kept_bytes = step(model)
     assert set(grads) == set(plain_grads)
-    # Every center's prompts, head updates and norm copies get a gradient, each as without checkpointing.
+    # Every center's prompts, head and MLP updates and norm copies get a gradient, each as without checkpointing.
+    assert kind == "decoder" or any(".mlp_update.vpt_up.b" in name for name in grads)
     assert all(g is not None and g.abs().sum() > 0 for g in plain_grads.values())
     for name, grad in grads.items():
         torch.testing.assert_close(grad, plain_grads[name], atol=1e-5, rtol=1e-4, msg=name)

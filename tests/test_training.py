@@ -87,8 +87,15 @@ def test_prepare_model_trains_exactly_the_method_parameters(method):
         assert all("vpt_prompt" in n or ".modules_to_save." in n for n in names)
         assert any("batch_norm.modules_to_save" in n for n in names)
     elif method == "vpt-deep-head":
-        assert all("vpt_prompt" in n or ".modules_to_save." in n or ".head_update.vpt_" in n for n in names)
+        assert all(
+            "vpt_prompt" in n or ".modules_to_save." in n or ".head_update.vpt_" in n or ".mlp_update.vpt_" in n
+            for n in names
+        )
         assert any("batch_norm.modules_to_save" in n for n in names)
+        # A rank-1 update of every encoder block's MLP output projection.
+        assert {n.split(".mlp_update.")[0] for n in names if ".mlp_update." in n} == {
+            f"base_model.model.backbone.encoder.layer.{i}.mlp.fc2" for i in range(4)
+        }
         assert {n.split(".head_update.")[0] for n in names if ".head_update." in n} == {
             n for n, m in model.named_modules()
             if isinstance(m, torch.nn.Conv2d) and ".decode_head." in n and "classifier" not in n and "vpt_" not in n
@@ -96,7 +103,7 @@ def test_prepare_model_trains_exactly_the_method_parameters(method):
         }  # fmt: skip
         # In 2D each updated conv also has its depthwise 3x3 filter, except the pyramid-pooling branches.
         assert {n.split(".head_update.")[0] for n in names if ".vpt_depthwise." in n} == {
-            n.split(".head_update.")[0] for n in names if ".vpt_down." in n and ".psp_modules." not in n
+            n.split(".head_update.")[0] for n in names if ".head_update.vpt_down." in n and ".psp_modules." not in n
         }
     elif method == "vpt-deep-decoder":
         assert all("vpt_prompt" in n or n.startswith("base_model.model.decode_head.modules_to_save.") for n in names)

@@ -97,7 +97,9 @@ class ProtocolConfig:
     pretrain_learning_rate: float = field(default=2e-3, metadata={"help": "Learning rate of the bases."})
     finetune_epochs: int = field(default=20, metadata={"help": "Epochs of every method on the new center."})
     batch_size: int = field(default=8, metadata={"help": "Fine-tuning batch size."})
-    num_virtual_tokens: int = field(default=10, metadata={"help": "Prompts per block (VPT methods)."})
+    num_virtual_tokens: int | None = field(
+        default=None, metadata={"help": "Prompts per block (VPT methods); default: the method's own."}
+    )
     lora_rank: int = field(default=8, metadata={"help": "Rank of LoRA."})
     learning_rate: list[str] = field(
         default_factory=list,
@@ -248,7 +250,9 @@ def run_one(
     return row
 
 
-def measure_training_memory(base_dir: str | Path, method: str, batch_size: int, num_virtual_tokens: int = 10) -> float:
+def measure_training_memory(
+    base_dir: str | Path, method: str, batch_size: int, num_virtual_tokens: int | None = None
+) -> float:
     """Peak memory growth (MB) of a training step of `method` on the saved base, in a fresh process, with activation
     checkpointing where `finetune_center` uses it (`uses_gradient_checkpointing`)."""
     probe = measure_in_fresh_process(

@@ -86,7 +86,7 @@ def training_step_probe(
     batch_size: int,
     image_size: int = 224,
     num_labels: int = 4,
-    num_virtual_tokens: int = 10,
+    num_virtual_tokens: int | None = None,
     gradient_checkpointing: bool = False,
     repeats: int = 0,
 ) -> dict:

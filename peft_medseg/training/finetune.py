@@ -77,7 +77,7 @@ def finetune_center(
     config: TrainingConfig,
     accelerator: Accelerator,
     num_train_cases: int | None = None,
-    num_virtual_tokens: int = 10,
+    num_virtual_tokens: int | None = None,
     prompt_dropout: float = 0.1,
     train_classifier: bool = True,
     lora_rank: int = 8,

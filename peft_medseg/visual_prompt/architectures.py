@@ -56,6 +56,20 @@ KEY_VALUE_BLOCKS = {
 # pre-norm ViT blocks whose attention takes no position bias sized to the sequence. DPT and BEiT keep the token path.
 DEEP_KEY_VALUE_BLOCKS = {name: spec for name, spec in KEY_VALUE_BLOCKS.items() if spec.layout in ("global", "rotary")}
 SUPPORTED_KEY_VALUE_BLOCK_CLASSES = tuple(KEY_VALUE_BLOCKS)
+# The output projection of each block class's MLP (`VisualPromptConfig.mlp_rank`), relative to the block.
+MLP_OUTPUT_PROJECTIONS = {
+    "Dinov2Layer": "mlp.fc2",
+    "Dinov2WithRegistersLayer": "mlp.fc2",
+    "DINOv3ViTLayer": "mlp.down_proj",
+    "DPTViTLayer": "output.dense",
+    "BeitLayer": "mlp.fc2",
+    "TransformerBlock": "mlp.linear2",  # MONAI's ViT (UNETR)
+    "SegformerLayer": "mlp.fc2",
+    "SwinLayer": "mlp.fc2",
+    "SwinTransformerBlock": "mlp.linear2",  # MONAI's Swin UNETR
+}
+# Children that adapters add to a block; the base's description leaves them out.
+ADAPTER_CHILDREN = ("visual_prompt", "mlp_update")
 SUPPORTED_KEY_VALUE_MODELS = (
     "SegformerForSemanticSegmentation (every MiT size); UperNetForSemanticSegmentation with SwinBackbone, "
     "Dinov2Backbone, Dinov2WithRegistersBackbone or DINOv3ViTBackbone; MONAI's SwinUNETR (2D or 3D)"
@@ -167,6 +181,32 @@ def _encoder_geometry(model: nn.Module, blocks: list[tuple[str, nn.Module]]) -> 
     return f"monai.{type(getattr(model, encoder_name, model)).__name__}", int(patch_size), num_prefix_tokens
 
 
+def mlp_output_targets(block_class: str, blocks: list[tuple[str, nn.Module]], layers: list[int]) -> list[str]:
+    """Names of the MLP output projections (`nn.Linear`) of the blocks at `layers`, checked before injection."""
+    relative = MLP_OUTPUT_PROJECTIONS.get(block_class)
+    if relative is None:
+        raise ValueError(
+            f"mlp_rank: no known MLP output projection in {block_class} blocks; supported: {sorted(MLP_OUTPUT_PROJECTIONS)}."
+        )
+    names = []
+    for i in layers:
+        name, block = blocks[i]
+        try:
+            projection = block.get_submodule(relative)
+        except AttributeError:
+            projection = None
+        if not isinstance(projection, nn.Linear):
+            found = type(projection).__name__ if projection is not None else "nothing"
+            raise ValueError(f"mlp_rank: {name}.{relative} should be the block's MLP output nn.Linear, found {found}.")
+        names.append(f"{name}.{relative}")
+    return names
+
+
+def _base_parameters(block: nn.Module) -> list[tuple[str, list[int]]]:
+    """A block's own parameters and their shapes, without those of adapters injected into it."""
+    return [(n, list(p.shape)) for n, p in block.named_parameters() if not set(n.split(".")) & set(ADAPTER_CHILDREN)]
+
+
 def attention_width(attention: nn.Module) -> int:
     """The width of an attention module's input: its key projection's (transformers) or fused qkv's (MONAI)."""
     projection = attention.k_proj if hasattr(attention, "k_proj") else attention.qkv
@@ -177,11 +217,8 @@ def describe_base(model: nn.Module, block_class: str, blocks: list[tuple[str, nn
     """What an adapter records about the base it was made for."""
     encoder_type, patch_size, num_prefix_tokens = _encoder_geometry(model, blocks)
     model_type = base_model_type(model)
-    # The block's own weights only: prompts already injected for other centers are not part of the base.
-    block_shapes = [
-        [(n, list(p.shape)) for n, p in block.named_parameters() if not n.startswith("visual_prompt.")]
-        for _, block in blocks
-    ]
+    # The block's own weights only: adapters already injected for other centers are not part of the base.
+    block_shapes = [_base_parameters(block) for _, block in blocks]
     hidden_size = int(blocks[0][1].norm1.normalized_shape[0]) if hasattr(blocks[0][1], "norm1") else None
     config = encoder_config(model, blocks[0][0])
     if config is not None:
@@ -209,10 +246,8 @@ def describe_key_value_base(model: nn.Module, block_class: str, blocks: list[tup
     attention_name = KEY_VALUE_BLOCKS[block_class].attention
     widths = [attention_width(getattr(block, attention_name)) for _, block in blocks]
     model_type = base_model_type(model)
-    # The block's own weights only: prompts already injected for other centers are not part of the base.
-    block_shapes = [
-        [(n, list(p.shape)) for n, p in block.named_parameters() if "visual_prompt." not in n] for _, block in blocks
-    ]
+    # The block's own weights only: adapters already injected for other centers are not part of the base.
+    block_shapes = [_base_parameters(block) for _, block in blocks]
     signature = json.dumps([model_type, encoder_type, block_class, "key_value", block_shapes], sort_keys=True)
     return {
         "block_class": block_class,

@@ -75,6 +75,11 @@ class VisualPromptConfig(PeftConfig):
             conv of the decode head except those in `modules_to_save` (such as the classifier, trained whole): under
             `decode_head` in transformers' models, outside the transformer (`vit`, `swinViT`) in MONAI's UNETR and
             Swin UNETR.
+        mlp_rank (`int`):
+            Rank of a per-center low-rank update of the MLP output projection of every prompted block
+            (`fc2(x; W + up·down)`, `up` starting at zero), trained and saved with the prompts and routed per sample
+            like them. 0: none. Prompts change what a block's attention reads, not what its MLP computes; full
+            fine-tuning moves the encoder's MLPs most (README, "Real shift").
         modules_to_save (`list[str]`, *optional*):
             Modules trained and saved with the prompts, for example `["decode_head.classifier"]` (the last classifier
             of an UperNet head). Name a leaf `Conv2d`/`Linear` so that mixed-center batches can route it per sample.
@@ -109,6 +114,9 @@ class VisualPromptConfig(PeftConfig):
     )
     head_modules: list[str] | None = field(
         default=None, metadata={"help": "Regexes of the head conv modules to update; None: every decode-head conv."}
+    )
+    mlp_rank: int = field(
+        default=0, metadata={"help": "Rank of the per-center low-rank update of each prompted block's MLP output."}
     )
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained and saved with the prompts, e.g. ['decode_head.classifier']."}
@@ -145,6 +153,8 @@ class VisualPromptConfig(PeftConfig):
                 raise ValueError(f"{name} must be None or an int in {lowest}..{MAX_RESOLVED_SIZE}, got {value!r}.")
         if isinstance(self.head_rank, bool) or not isinstance(self.head_rank, int) or not 0 <= self.head_rank <= 1024:
             raise ValueError(f"head_rank must be an int in 0..1024, got {self.head_rank!r}.")
+        if isinstance(self.mlp_rank, bool) or not isinstance(self.mlp_rank, int) or not 0 <= self.mlp_rank <= 1024:
+            raise ValueError(f"mlp_rank must be an int in 0..1024, got {self.mlp_rank!r}.")
         if not isinstance(self.head_depthwise, bool):
             raise ValueError(f"head_depthwise must be a bool, got {self.head_depthwise!r}.")
         if self.head_depthwise and not self.head_rank:

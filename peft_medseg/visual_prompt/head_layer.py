@@ -18,35 +18,27 @@ same output, one convolution, and no extra full-size feature maps kept for the b
 from __future__ import annotations
 
 import math
-import types
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.nn import functional as F
 
+from .update_layer import LowRankUpdateLayer
 
-class HeadUpdateLayer(nn.Module, BaseTunerLayer):
+
+class HeadUpdateLayer(LowRankUpdateLayer):
     """Low-rank updates of one convolution for every adapter; a child of the conv (`conv.head_update`), whose
     `forward` is overridden on the instance to add the update of each sample's adapter."""
 
     adapter_layer_names = ("vpt_down", "vpt_up", "vpt_depthwise")
-    other_param_names = ()
+    host_attribute = "head_update"
 
     def __init__(self, conv: nn.Conv2d | nn.Conv3d) -> None:
-        super().__init__()
+        super().__init__(conv, _updated_conv_forward)
         self.conv_class = nn.Conv3d if isinstance(conv, nn.Conv3d) else nn.Conv2d
-        self.vpt_down = nn.ModuleDict({})
-        self.vpt_up = nn.ModuleDict({})
         self.vpt_depthwise = nn.ModuleDict({})
         self.in_channels, self.out_channels, self.stride = conv.in_channels, conv.out_channels, conv.stride
         self.folds_into_weight = _centre_tap_conv(conv)
-        # Per-sample adapter names of a mixed-center batch, set by `VisualPromptModel` for one forward pass.
-        self.adapter_names: list[str] | None = None
-        self._active_adapter: list[str] = []
-        self.merged_adapters: list[str] = []
-        # A bound method on the instance: deepcopy rebinds it to the copy; `uninstall` restores the class forward.
-        conv.forward = types.MethodType(_updated_conv_forward, conv)
 
     def update_layer(self, adapter_name: str, rank: int, depthwise: bool = False) -> None:
         """Add an adapter's update of rank `rank`, with a depthwise 3x3 filter of its output when `depthwise` (`up`
@@ -64,47 +56,7 @@ class HeadUpdateLayer(nn.Module, BaseTunerLayer):
             self.vpt_depthwise[adapter_name] = filter_
         self.set_adapter(self.active_adapters)
 
-    def merge(self, *args, **kwargs) -> None:
-        raise ValueError(
-            "The head update of a visual prompt adapter is not merged; use unload() to get the base back."
-        )
-
-    def unmerge(self) -> None:
-        pass
-
-    @staticmethod
-    def uninstall(conv: nn.Module) -> None:
-        """Restore the conv's own forward and remove its update layer."""
-        conv.__dict__.pop("forward", None)
-        del conv.head_update
-
-    def _row_adapters(self, batch_size: int) -> list[str | None] | None:
-        if self.disable_adapters:
-            return None
-        if self.adapter_names is not None:
-            return [name if name in self.vpt_down else None for name in self.adapter_names]
-        active = [name for name in self.active_adapters if name in self.vpt_down]
-        return [active[0]] * batch_size if len(active) == 1 else None
-
-    def forward(self, conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
-        """The conv's output for `x`, each sample with its adapter's update (none for `"__base__"` rows)."""
-        row_adapters = self._row_adapters(x.shape[0])
-        if row_adapters is None or all(name is None for name in row_adapters):
-            return type(conv).forward(conv, x)
-        names = list(dict.fromkeys(row_adapters))
-        if len(names) == 1:
-            return self._updated_conv(conv, names[0], x)
-        # A mixed batch: each adapter's rows through their own updated conv, base rows through the conv itself.
-        outputs, index = [], []
-        for name in names:
-            rows = torch.tensor([i for i, n in enumerate(row_adapters) if n == name], device=x.device)
-            outputs.append(
-                type(conv).forward(conv, x[rows]) if name is None else self._updated_conv(conv, name, x[rows])
-            )
-            index.append(rows)
-        return torch.cat(outputs)[torch.argsort(torch.cat(index))]
-
-    def _updated_conv(self, conv: nn.Conv2d | nn.Conv3d, name: str, x: torch.Tensor) -> torch.Tensor:
+    def _updated(self, conv: nn.Conv2d | nn.Conv3d, name: str, x: torch.Tensor) -> torch.Tensor:
         output = self._low_rank_updated_conv(conv, name, x)
         if name in self.vpt_depthwise:
             output = output + self.vpt_depthwise[name](output)
@@ -120,9 +72,6 @@ class HeadUpdateLayer(nn.Module, BaseTunerLayer):
         weight = conv.weight + F.pad(update.to(conv.weight.dtype), centre)
         convolution = F.conv3d if x.ndim == 5 else F.conv2d
         return convolution(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-
-    def __repr__(self) -> str:
-        return "head_update." + super().__repr__()
 
 
 def _updated_conv_forward(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:

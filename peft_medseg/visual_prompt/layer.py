@@ -11,6 +11,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .config import VisualPromptConfig
+from .update_layer import routed_rows
 
 BASE_ADAPTER_NAME = "__base__"  # in `adapter_names`, a sample that runs through the base model without prompts
 # What an adapter's prompts do at one block: see `VisualPromptLayer`.
@@ -169,11 +170,14 @@ class VisualPromptLayer(nn.Module, BaseTunerLayer):
         plain_index = torch.tensor(plain, device=hidden_states.device)
         prompts = self._prompt_tokens([row_adapters[i] for i in prompted], prompted_index).to(hidden_states.dtype)
         p_args, p_kwargs = _select_rows(args, kwargs, prompted_index, batch_size)
-        output_p, prompt_output = self._run_with_prompts(
-            block_forward, block, hidden_states[prompted_index], prompts, p_args, p_kwargs
-        )
+        # The block's own update layers (MLP updates) route each group's rows.
+        with routed_rows(block, [self.adapter_names[i] for i in prompted]):
+            output_p, prompt_output = self._run_with_prompts(
+                block_forward, block, hidden_states[prompted_index], prompts, p_args, p_kwargs
+            )
         n_args, n_kwargs = _select_rows(args, kwargs, plain_index, batch_size)
-        output_n = block_forward(block, hidden_states[plain_index], *n_args, **n_kwargs)
+        with routed_rows(block, [self.adapter_names[i] for i in plain]):
+            output_n = block_forward(block, hidden_states[plain_index], *n_args, **n_kwargs)
         if isinstance(output_n, tuple):
             output_n = output_n[0]
         order = torch.argsort(torch.cat([prompted_index, plain_index]))

@@ -20,11 +20,14 @@ from .architectures import (
     describe_key_value_base,
     find_blocks,
     is_monai_model,
+    mlp_output_targets,
 )
 from .config import VisualPromptConfig
 from .head_layer import HeadUpdateLayer
 from .kv_layer import DeepKeyValuePromptLayer, KeyValuePromptLayer, key_value_targets
 from .layer import BASE_ADAPTER_NAME, PromptCarry, VisualPromptLayer
+from .mlp_layer import MlpUpdateLayer
+from .update_layer import LowRankUpdateLayer
 
 # Fields resolved from the base; a mismatch with a loaded adapter means the prompts would mean nothing there.
 ARCHITECTURE_FIELDS = (
@@ -61,9 +64,9 @@ class VisualPromptModel(BaseTuner):
     """
 
     prefix: str = "vpt_"
-    # Both layer kinds of an adapter: peft only ever tests isinstance(module, tuner_layer_cls) (set_adapter,
-    # delete_adapter, freezing), which takes a tuple.
-    tuner_layer_cls = (VisualPromptLayer, HeadUpdateLayer)
+    # Every layer kind of an adapter (prompts; head and MLP updates): peft only ever tests
+    # isinstance(module, tuner_layer_cls) (set_adapter, delete_adapter, freezing), which takes a tuple.
+    tuner_layer_cls = (VisualPromptLayer, LowRankUpdateLayer)
     target_module_mapping: dict[str, list[str]] = {}
 
     def __init__(self, model, peft_config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
@@ -116,11 +119,22 @@ class VisualPromptModel(BaseTuner):
             # With head_depthwise, "head+filter" marks the convs that also get the depthwise filter.
             filtered = set(depthwise_filter_targets(model, heads)) if peft_config.head_depthwise else set()
             self._targets |= {name: "head+filter" if name in filtered else "head" for name in heads}
+        if peft_config.mlp_rank:
+            self._targets |= {name: "mlp" for name in mlp_output_targets(block_class, blocks, layers)}
 
     def _check_target_module_exists(self, peft_config: VisualPromptConfig, key: str) -> bool:
         return key in self._targets
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        if self._targets[current_key] == "mlp":
+            layer = getattr(target, "mlp_update", None)
+            if layer is None:
+                layer = MlpUpdateLayer(target)
+                target.mlp_update = layer
+                layer.set_adapter(self.active_adapters)
+            layer.update_layer(adapter_name, peft_config.mlp_rank)
+            layer.to(target.weight.device)
+            return
         if self._targets[current_key] in ("head", "head+filter"):
             layer = getattr(target, "head_update", None)
             if layer is None:
@@ -194,10 +208,10 @@ class VisualPromptModel(BaseTuner):
         ]
         for module in prompted:  # blocks (token-level prompts) and attention modules (key/value prompts)
             type(module.visual_prompt).uninstall(module)
-        for module in [
-            m for m in self.model.modules() if isinstance(getattr(m, "head_update", None), HeadUpdateLayer)
-        ]:
-            HeadUpdateLayer.uninstall(module)
+        for layer_class in (HeadUpdateLayer, MlpUpdateLayer):
+            attribute = layer_class.host_attribute
+            for module in [m for m in self.model.modules() if isinstance(getattr(m, attribute, None), layer_class)]:
+                layer_class.uninstall(module)
         # The base is shared by every center, so unloading gives back the original modules, not one center's trained
         # copies (peft's LoRA keeps the active copy of a modules_to_save module instead).
         wrappers = [name for name, m in self.model.named_modules() if isinstance(m, AuxiliaryTrainingWrapper)]
@@ -217,7 +231,7 @@ class VisualPromptModel(BaseTuner):
             name: param.shape
             for name, param in model.named_parameters()
             if (".visual_prompt.vpt_prompt." in name and name.endswith(f".{adapter_name}"))
-            or (".head_update.vpt_" in name and f".{adapter_name}." in name)
+            or ((".head_update.vpt_" in name or ".mlp_update.vpt_" in name) and f".{adapter_name}." in name)
         }
         missing = sorted(name for name in expected if name not in remapped)
         # Every tensor, prompts and modules_to_save copies alike (a classifier saved for another num_labels).
@@ -299,8 +313,21 @@ class VisualPromptModel(BaseTuner):
         module is recomputed later, in the backward pass, so it is routed again for the recomputation.
         """
         names = self._adapter_names_in_flight
-        replay = nullcontext() if names is None else self._enable_peft_forward_hooks(adapter_names=names)
-        return nullcontext(), replay
+        if names is None:
+            return nullcontext(), nullcontext()
+        # The update layers' routing as it is now: a prompted block that runs the batch's rows in groups routes
+        # them per group (`routed_rows`), and a checkpointed module inside it is recomputed for that group.
+        routing = {
+            layer: layer.adapter_names for layer in self.model.modules() if isinstance(layer, LowRankUpdateLayer)
+        }
+        return nullcontext(), self._replay_routing(names, routing)
+
+    @contextmanager
+    def _replay_routing(self, adapter_names: list[str], routing: dict[LowRankUpdateLayer, list[str] | None]):
+        with self._enable_peft_forward_hooks(adapter_names=adapter_names):
+            for layer, names in routing.items():
+                layer.adapter_names = names
+            yield
 
     # ----------------------------------------------------------------- training mode
     def train(self, mode: bool = True):
