@@ -9,40 +9,21 @@ import torch
 import transformers as T
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
+from test_head_update import perturb, pixels, tiny_base
 from test_kv_prompts import MODELS as KEY_VALUE_MODELS
 from test_monai3d import swin_unetr, unetr, volumes
-from test_visual_prompt import ARCHITECTURES, STAGES, VIT, upernet
+from test_visual_prompt import ARCHITECTURES, STAGES, VIT, assert_mixed_batch_equals_per_sample_passes, upernet
 
 import peft_medseg  # noqa: F401  (registers the method)
 from peft_medseg import VisualPromptConfig
-from peft_medseg.models import build_segmentation_model
 from peft_medseg.training import enable_gradient_checkpointing
 
 CLASSIFIER = ["decode_head.classifier"]
 
 
-def tiny_base(seed=0):
-    torch.manual_seed(seed)
-    return build_segmentation_model("tiny", 3, image_size=32).eval()
-
-
 def beit_base(seed=0):
     torch.manual_seed(seed)
     return ARCHITECTURES["beit"]().eval()
-
-
-def pixels(batch=2, seed=1, size=32):
-    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def perturb(model, scale=0.05, seed=2):
-    """Trained-looking adapter weights (a zero `up` would hide a wrong route or a failed load)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(scale * torch.randn(param.shape, generator=generator))
-    return model
 
 
 def mlp_updates(model) -> dict[str, torch.nn.Module]:
@@ -136,19 +117,9 @@ MIXED = {"beit": beit_base, "dinov2": tiny_base}
 
 @pytest.mark.parametrize("name", sorted(MIXED))
 def test_mixed_batch_equals_per_sample_passes(name):
-    model = two_centers(MIXED[name]).eval()
-    names = ["A", "__base__", "B", "A", "__base__"]
-    x = pixels(len(names))
-    with torch.no_grad():
-        mixed = model(pixel_values=x, adapter_names=names).logits
-        for i, center in enumerate(names):
-            if center == "__base__":
-                with model.disable_adapter():
-                    single = model(pixel_values=x[i : i + 1]).logits
-            else:
-                model.set_adapter(center)
-                single = model(pixel_values=x[i : i + 1]).logits
-            torch.testing.assert_close(mixed[i : i + 1], single, atol=1e-5, rtol=0)
+    assert_mixed_batch_equals_per_sample_passes(
+        two_centers(MIXED[name]).eval(), ["A", "__base__", "B", "A", "__base__"]
+    )
 
 
 @pytest.mark.parametrize("name", sorted(MIXED))

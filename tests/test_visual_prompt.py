@@ -287,7 +287,11 @@ def test_mixed_batch_equals_per_sample_set_adapter(deep, head_norms):
             for i, name in enumerate("ABC"):
                 for norm in HEAD_NORMS:
                     model.base_model.model.get_submodule(norm).modules_to_save[name].running_mean.add_(0.3 * (i + 1))
-    names = ["A", "C", "__base__", "B", "A", "__base__"]
+    assert_mixed_batch_equals_per_sample_passes(model, ["A", "C", "__base__", "B", "A", "__base__"])
+
+
+def assert_mixed_batch_equals_per_sample_passes(model, names):
+    """One mixed-center batch gives each sample the logits of its own pass with its adapter (or the base)."""
     x = pixels(len(names))
     with torch.no_grad():
         mixed = model(pixel_values=x, adapter_names=names).logits
