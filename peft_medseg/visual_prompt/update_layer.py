@@ -86,7 +86,8 @@ class LowRankUpdateLayer(nn.Module, BaseTunerLayer):
         return torch.cat(outputs)[torch.argsort(torch.cat(index))]
 
     def _updated(self, module: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The module's output for `x` with adapter `name`'s update: each kind of update layer defines it."""
+        raise NotImplementedError(f"{type(self).__name__} must define how its update changes the module's output.")
 
     def __repr__(self) -> str:
         return f"{self.host_attribute}." + super().__repr__()
