@@ -38,7 +38,7 @@ there, and each filter keeps one more full-size feature map for the backward pas
 `vpt-deep-head` also gives each center a rank-1 update of every prompted block's MLP output projection
 (`VisualPromptConfig.mlp_rank`, `MLP_RANK`) and uses 5 prompts per block instead of 10, which keeps its size.
 Prompts reach the image tokens only through attention; full fine-tuning moves the encoder's MLPs most, and the
-trade validated higher on six of the development benchmark's seven splits (README, "Real shift").
+trade validated higher on seven of the development benchmark's eight splits (README, "Real shift").
 
 `vpt-deep-decoder` is the opt-in for when the last points matter more than the adapter's size: next to the prompts,
 each center trains its own copy of the whole decode head (peft's `modules_to_save`), as decoder fine-tuning does, but
@@ -83,7 +83,7 @@ HEAD_RANK = 2
 # Rank of `vpt-deep-head`'s update of each prompted block's MLP output projection (VisualPromptConfig.mlp_rank).
 MLP_RANK = 1
 # Prompts per block: 10 unless the method says otherwise. `vpt-deep-head` spends half of them on its MLP updates
-# (5 prompts + rank-1 MLP updates: the size of 10 prompts, higher validation Dice on six of seven splits; README,
+# (5 prompts + rank-1 MLP updates: the size of 10 prompts, higher validation Dice on seven of eight splits; README,
 # "Real shift"). `--num_virtual_tokens` overrides it.
 NUM_VIRTUAL_TOKENS = 10
 DEFAULT_NUM_VIRTUAL_TOKENS: dict[str, int] = {"vpt-deep-head": 5}
