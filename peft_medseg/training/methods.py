@@ -231,10 +231,9 @@ def enable_gradient_checkpointing(model: nn.Module) -> list[str]:
     """
     if is_volume_model(model):
         return checkpoint_volume_modules(model)
-    tuner = next((m for m in model.modules() if isinstance(m, VisualPromptModel)), None)
     # The recomputation of a mixed-center batch routes its samples as the forward pass did (the MLP updates inside
     # the blocks; the prompts reach the blocks as arguments, which the recomputation replays anyway).
-    kwargs = {"use_reentrant": False, "context_fn": tuner.checkpoint_context_fn if tuner is not None else _no_context}
+    kwargs = {"use_reentrant": False, "context_fn": _checkpoint_context_fn(model)}
     enabled: list[str] = []
     for name, module in model.named_modules():
         if any(name == done or name.startswith(done + ".") or done == "" for done in enabled):
@@ -257,8 +256,7 @@ def checkpoint_volume_modules(model: nn.Module) -> list[str]:
     (`VisualPromptModel.checkpoint_context_fn`), so gradients equal those without checkpointing (tested).
     """
     network = model.get_base_model() if hasattr(model, "get_base_model") else model
-    tuner = next((m for m in model.modules() if isinstance(m, VisualPromptModel)), None)
-    context_fn = tuner.checkpoint_context_fn if tuner is not None else _no_context
+    context_fn = _checkpoint_context_fn(model)
     units: list[str] = []
     for child_name, child in network.named_children():
         if isinstance(child, ModulesToSaveWrapper):
@@ -294,6 +292,12 @@ def _checkpointed_forward(module: nn.Module, *args, **kwargs):
     if not torch.is_grad_enabled():
         return forward(module, *args, **kwargs)
     return checkpoint(forward, module, *args, use_reentrant=False, context_fn=module.checkpoint_context_fn, **kwargs)
+
+
+def _checkpoint_context_fn(model: nn.Module):
+    """The `context_fn` of `model`'s checkpoints: its visual prompt tuner's replay of a mixed batch's routing."""
+    tuner = next((m for m in model.modules() if isinstance(m, VisualPromptModel)), None)
+    return tuner.checkpoint_context_fn if tuner is not None else _no_context
 
 
 def _no_context() -> tuple[AbstractContextManager, AbstractContextManager]:

@@ -29,6 +29,9 @@ from .layer import BASE_ADAPTER_NAME, PromptCarry, VisualPromptLayer
 from .mlp_layer import MlpUpdateLayer
 from .update_layer import LowRankUpdateLayer
 
+# The kinds of low-rank update layer an adapter may hold, each under its own attribute of the updated module.
+UPDATE_LAYER_CLASSES = (HeadUpdateLayer, MlpUpdateLayer)
+
 # Fields resolved from the base; a mismatch with a loaded adapter means the prompts would mean nothing there.
 ARCHITECTURE_FIELDS = (
     "num_labels",
@@ -126,22 +129,13 @@ class VisualPromptModel(BaseTuner):
         return key in self._targets
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
-        if self._targets[current_key] == "mlp":
-            layer = getattr(target, "mlp_update", None)
-            if layer is None:
-                layer = MlpUpdateLayer(target)
-                target.mlp_update = layer
-                layer.set_adapter(self.active_adapters)
-            layer.update_layer(adapter_name, peft_config.mlp_rank)
-            layer.to(target.weight.device)
-            return
-        if self._targets[current_key] in ("head", "head+filter"):
-            layer = getattr(target, "head_update", None)
-            if layer is None:
-                layer = HeadUpdateLayer(target)
-                target.head_update = layer
-                layer.set_adapter(self.active_adapters)
-            layer.update_layer(adapter_name, peft_config.head_rank, self._targets[current_key] == "head+filter")
+        role = self._targets[current_key]
+        if role in ("mlp", "head", "head+filter"):
+            layer = self._update_layer(target, MlpUpdateLayer if role == "mlp" else HeadUpdateLayer)
+            if role == "mlp":
+                layer.update_layer(adapter_name, peft_config.mlp_rank)
+            else:
+                layer.update_layer(adapter_name, peft_config.head_rank, role == "head+filter")
             layer.to(target.weight.device)
             return
         layer = getattr(target, "visual_prompt", None)
@@ -167,6 +161,15 @@ class VisualPromptModel(BaseTuner):
         # Prompts live on the device of their block.
         device = next(target.parameters()).device
         layer.to(device)
+
+    def _update_layer(self, target: nn.Module, layer_class: type[LowRankUpdateLayer]) -> LowRankUpdateLayer:
+        """The update layer of `target`, created on the first adapter that updates it."""
+        layer = getattr(target, layer_class.host_attribute, None)
+        if layer is None:
+            layer = layer_class(target)
+            setattr(target, layer_class.host_attribute, layer)
+            layer.set_adapter(self.active_adapters)
+        return layer
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         """peft's injection, all or nothing: on any error the model is left exactly as it was before the call."""
@@ -208,7 +211,7 @@ class VisualPromptModel(BaseTuner):
         ]
         for module in prompted:  # blocks (token-level prompts) and attention modules (key/value prompts)
             type(module.visual_prompt).uninstall(module)
-        for layer_class in (HeadUpdateLayer, MlpUpdateLayer):
+        for layer_class in UPDATE_LAYER_CLASSES:
             attribute = layer_class.host_attribute
             for module in [m for m in self.model.modules() if isinstance(getattr(m, attribute, None), layer_class)]:
                 layer_class.uninstall(module)
@@ -231,7 +234,7 @@ class VisualPromptModel(BaseTuner):
             name: param.shape
             for name, param in model.named_parameters()
             if (".visual_prompt.vpt_prompt." in name and name.endswith(f".{adapter_name}"))
-            or ((".head_update.vpt_" in name or ".mlp_update.vpt_" in name) and f".{adapter_name}." in name)
+            or (any(f".{c.host_attribute}.vpt_" in name for c in UPDATE_LAYER_CLASSES) and f".{adapter_name}." in name)
         }
         missing = sorted(name for name in expected if name not in remapped)
         # Every tensor, prompts and modules_to_save copies alike (a classifier saved for another num_labels).
