@@ -64,6 +64,38 @@ def test_registration_is_idempotent_and_the_type_is_a_plain_string():
     assert result.stdout.strip() == "ok"
 
 
+def test_wrapping_and_loading_print_no_deprecation_warning_from_peft(tmp_path):
+    # In fresh interpreters: pytest resets warning filters around collection, so only a fresh process shows what a
+    # user sees. Control: plain peft (LoRA) on the same base prints transformers' notice, which peft 0.21 triggers by
+    # reading the deprecated `is_gradient_checkpointing` (once transformers drops it, the control fails and the filter
+    # in peft_medseg.visual_prompt can go). With `import peft_medseg`, wrapping, saving and loading print none of it.
+    setup = textwrap.dedent(
+        f"""
+        import transformers as T
+        from peft import LoraConfig, PeftModel, get_peft_model
+        def tiny_base():
+            backbone = T.Dinov2Config(**{VIT!r}, out_features={STAGES!r}, reshape_hidden_states=True)
+            return T.UperNetForSemanticSegmentation(
+                T.UperNetConfig(backbone_config=backbone, hidden_size=16, use_auxiliary_head=False, num_labels=3)
+            )
+        """
+    )
+    control = setup + "get_peft_model(tiny_base(), LoraConfig(target_modules=['q_proj']))"
+    ours = setup + textwrap.dedent(
+        f"""
+        import peft_medseg
+        get_peft_model(tiny_base(), peft_medseg.VisualPromptConfig(num_virtual_tokens=2)).save_pretrained({str(tmp_path)!r})
+        PeftModel.from_pretrained(tiny_base(), {str(tmp_path)!r})
+        """
+    )
+    for code, expected in ((control, True), (ours, False)):
+        result = subprocess.run(
+            [sys.executable, "-W", "always::FutureWarning", "-c", code], capture_output=True, text=True
+        )
+        assert result.returncode == 0, result.stderr
+        assert ("is_gradient_checkpointing" in result.stderr) is expected, result.stderr
+
+
 # --------------------------------------------------------------------------- reference VPT
 def reference_feature_maps(base, x, prompts, deep):
     """VPT written out by hand: embeddings, then each block on [CLS, prompts, patches], prompts dropped after."""

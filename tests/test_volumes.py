@@ -4,16 +4,24 @@ import csv
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import nibabel
 import numpy as np
 import pytest
 import torch
+from monai.data import MetaTensor
 
 from peft_medseg.data import load_multicenter_dataset
 from peft_medseg.data.validation import DataValidationError
-from peft_medseg.data.volumes import VolumeTransform, find_volume_cases, group_channel_files, load_volume_dataset
+from peft_medseg.data.volumes import (
+    VolumeTransform,
+    find_volume_cases,
+    group_channel_files,
+    load_volume_dataset,
+    volume_input_transform,
+)
 from peft_medseg.models3d import UNETR3D, VolumePreprocessing
 from peft_medseg.scoring import evaluate_segmentation, predict
 
@@ -119,6 +127,20 @@ def test_volume_transform_crops_training_patches_and_keeps_whole_volumes_for_eva
     # Per-channel z-score.
     means = evaluation["pixel_values"].mean(dim=(1, 2, 3))
     assert torch.allclose(means, torch.zeros(2), atol=1e-4)
+
+
+def test_reorientation_to_ras_flips_a_left_pointing_axis_and_prints_no_deprecation():
+    preprocessing = VolumePreprocessing(roi_size=(4, 4, 4), num_channels=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        transform = volume_input_transform(preprocessing)
+        VolumeTransform(preprocessing, train=False)
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
+    voxels = torch.arange(24.0).reshape(1, 2, 3, 4)
+    scan = MetaTensor(voxels, affine=torch.diag(torch.tensor([-1.0, 1.0, 1.0, 1.0])))  # first axis points left (LAS)
+    out = transform.transforms[0](scan)  # the orientation step alone, before the z-score
+    assert torch.equal(out.as_tensor(), voxels.flip(1))
+    assert torch.allclose(out.affine.diagonal()[:3], torch.ones(3, dtype=out.affine.dtype))
 
 
 def small_unetr(img=32, seed=0):

@@ -57,6 +57,9 @@ VOLUME_FEATURES = Features(
 )
 # Largest difference (mm) between an image's and its label's affine that still counts as the same geometry.
 AFFINE_TOLERANCE_MM = 1e-3
+# What "RAS" means for `Orientation(d)`: nibabel's axis labels, as MONAI has always used them. Given explicitly, they
+# keep that meaning whatever a scan's "space" metadata says (and silence MONAI's notice that its default will change).
+RAS_AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 
 def nifti_stem(path: Path) -> str | None:
@@ -218,7 +221,10 @@ class VolumeTransform:
     def __init__(self, preprocessing: VolumePreprocessing, train: bool, seed: int = 0) -> None:
         self.preprocessing, self.train, self.seed, self.epoch = preprocessing, train, seed, 0
         keys = ["image", "label"]
-        steps = [LoadImaged(keys, image_only=True, ensure_channel_first=True), Orientationd(keys, axcodes="RAS")]
+        steps = [
+            LoadImaged(keys, image_only=True, ensure_channel_first=True),
+            Orientationd(keys, axcodes="RAS", labels=RAS_AXIS_LABELS),
+        ]
         if preprocessing.spacing is not None:
             steps.append(Spacingd(keys, pixdim=preprocessing.spacing, mode=("bilinear", "nearest")))
         steps.append(NormalizeIntensityd("image", channel_wise=True))
@@ -277,7 +283,7 @@ def volume_input_transform(preprocessing: VolumePreprocessing) -> Compose:
     """The deterministic part of `VolumeTransform` for one channel-first image with its affine (a `MetaTensor`):
     RAS orientation, resampling to the base's voxel size, per-channel z-score. Invertible: `inverse` maps a
     prediction made on its output back onto the input's voxels (MONAI records every step on the tensor)."""
-    steps = [Orientation(axcodes="RAS")]
+    steps = [Orientation(axcodes="RAS", labels=RAS_AXIS_LABELS)]
     if preprocessing.spacing is not None:
         steps.append(Spacing(pixdim=preprocessing.spacing, mode="bilinear"))
     steps.append(NormalizeIntensity(channel_wise=True))

@@ -1,5 +1,7 @@
 """Visual prompt tuning as a peft method: importing this package registers it (as peft's own tuners do)."""
 
+import warnings
+
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import register_peft_method
 
@@ -23,6 +25,13 @@ def register_visual_prompt() -> None:
 
 
 register_visual_prompt()
+
+# peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` alias whenever it wraps a model (PeftModel's
+# constructor), so every get_peft_model / PeftModel.from_pretrained on a transformers 5 model printed a FutureWarning
+# that no caller can act on. Only that message is silenced; any other deprecation still shows.
+warnings.filterwarnings(
+    "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning, module="transformers"
+)
 
 __all__ = [
     "BASE_ADAPTER_NAME",
