@@ -375,7 +375,7 @@ def test_gradient_checkpointing_gives_equal_gradients(deep):
     for checkpointing in (False, True):
         base = tiny_base()
         if checkpointing:
-            base.backbone.gradient_checkpointing_enable()
+            base.backbone.activation_checkpointing_enable()
         torch.manual_seed(0)
         model = get_peft_model(base, VisualPromptConfig(num_virtual_tokens=3, deep=deep, prompt_dropout=0.0))
         model.train()
