@@ -69,6 +69,7 @@ def test_wrapping_and_loading_print_no_deprecation_warning_from_peft(tmp_path):
     # user sees. Control: plain peft (LoRA) on the same base prints transformers' notice, which peft 0.21 triggers by
     # reading the deprecated `is_gradient_checkpointing` (once transformers drops it, the control fails and the filter
     # in peft_medseg.visual_prompt can go). With `import peft_medseg`, wrapping, saving and loading print none of it.
+    # The base is built inline: `tiny_base` of this module would import peft_medseg, and with it the filter.
     setup = textwrap.dedent(
         f"""
         import transformers as T

@@ -130,12 +130,14 @@ class VisualPromptModel(BaseTuner):
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         role = self._targets[current_key]
-        if role in ("mlp", "head", "head+filter"):
-            layer = self._update_layer(target, MlpUpdateLayer if role == "mlp" else HeadUpdateLayer)
-            if role == "mlp":
-                layer.update_layer(adapter_name, peft_config.mlp_rank)
-            else:
-                layer.update_layer(adapter_name, peft_config.head_rank, role == "head+filter")
+        if role == "mlp":
+            layer = self._update_layer(target, MlpUpdateLayer)
+            layer.update_layer(adapter_name, peft_config.mlp_rank)
+            layer.to(target.weight.device)
+            return
+        if role in ("head", "head+filter"):
+            layer = self._update_layer(target, HeadUpdateLayer)
+            layer.update_layer(adapter_name, peft_config.head_rank, role == "head+filter")
             layer.to(target.weight.device)
             return
         layer = getattr(target, "visual_prompt", None)
