@@ -58,6 +58,29 @@ def test_mlp_update_equals_hand_written_weights_of_the_prompted_blocks(layers):
             torch.testing.assert_close(model(pixel_values=x).logits, base(pixel_values=x).logits)
 
 
+def test_the_backward_pass_keeps_no_weight_sized_copy_of_an_updated_projection():
+    # Folding the update into the weight (`W + up @ down`) would keep a new (out, in) tensor per block for the
+    # backward pass: 108 MB at UNETR's widths without checkpointing. What autograd saves is counted here.
+    model = get_peft_model(tiny_base(), VisualPromptConfig(num_virtual_tokens=2, prompt_dropout=0.0, mlp_rank=1))
+    shapes = {tuple(linear.weight.shape) for linear in mlp_updates(model).values()}
+    shapes |= {shape[::-1] for shape in shapes}  # a linear layer may save its weight transposed
+    parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(pixel_values=pixels()).logits.sum().backward()
+    weight_shaped = [t for t in saved if tuple(t.shape) in shapes]
+    assert weight_shaped, "the frozen projections themselves are saved for the gradient of their input"
+    # Each is a model parameter (or a view of one), no new tensor of a projection's size.
+    assert all(t.untyped_storage().data_ptr() in parameter_storages for t in weight_shaped)
+    # And the update was trained: its up-projection got a gradient.
+    assert all(linear.mlp_update.vpt_up["default"].weight.grad is not None for linear in mlp_updates(model).values())
+
+
 BLOCK_MODELS = {
     **{name: (build, "tokens") for name, build in ARCHITECTURES.items()},
     **{name: (build, "key_value") for name, build in KEY_VALUE_MODELS.items()},
